@@ -1,0 +1,40 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Each creates .venv from a bare python3 and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+DEPS := pyproject.toml constraints.txt
+
+.PHONY: demo test lint format docs bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+
+# One stamp per extras set, redone when the dependencies change.
+$(VENV)/.demo-installed: $(DEPS) | $(BIN)/python
+	$(PIP) -e '.[demo]'
+	touch $@
+
+$(VENV)/.test-installed: $(DEPS) | $(BIN)/python
+	$(PIP) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/python -m gradclip
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m ruff check src tests benchmarks examples
+	$(BIN)/python -m ruff format --check src tests benchmarks examples
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.test-installed
+	$(BIN)/python -m ruff check src tests benchmarks examples
+
+format: $(VENV)/.test-installed
+	$(BIN)/python -m ruff format src tests benchmarks examples
+	$(BIN)/python -m ruff check --fix src tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site

@@ -1,0 +1,32 @@
+"""gradclip: exact, fast gradient clipping on any Python Array API library.
+
+The clipping math is written once against the Array API standard and runs on the
+arrays you pass in (NumPy, CuPy, PyTorch, JAX, Dask, array-api-strict); the library
+is chosen from the input's type. Framework integrations live in
+:mod:`gradclip.torch` and :mod:`gradclip.optax` and are imported on demand.
+
+>>> import numpy as np, gradclip as gc
+>>> clipped, norm = gc.clip_by_global_norm(np.array([1, 2, 3, 4, 5]), max_norm=3)
+>>> round(float(norm), 4)
+7.4162
+"""
+
+from ._clipping import (
+    clip_by_global_norm,
+    clip_by_global_norm_,
+    clip_by_norm,
+    clip_by_value,
+    clip_scale,
+)
+from ._norms import global_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "clip_by_global_norm",
+    "clip_by_global_norm_",
+    "clip_by_norm",
+    "clip_by_value",
+    "clip_scale",
+    "global_norm",
+]

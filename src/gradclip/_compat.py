@@ -1,0 +1,126 @@
+"""The one module that imports array-api-compat.
+
+Everything else in gradclip asks this module for a namespace, a device or a
+library test, so the choice of backend is made from the input's type in one place.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import array_api_compat as _aac
+from array_api_compat import (
+    device,
+    is_array_api_obj,
+    is_array_api_strict_namespace,
+    is_cupy_array,
+    is_dask_array,
+    is_jax_array,
+    is_numpy_array,
+    is_torch_array,
+    is_torch_namespace,
+    to_device,
+)
+
+__all__ = [
+    "accumulation_dtype",
+    "array_namespace",
+    "as_array",
+    "default_float",
+    "device",
+    "is_array_api_obj",
+    "is_array_api_strict_namespace",
+    "is_cupy_array",
+    "is_dask_array",
+    "is_jax_array",
+    "is_lazy",
+    "is_numpy_array",
+    "is_torch_array",
+    "is_torch_namespace",
+    "library_name",
+    "to_device",
+    "writable_problem",
+]
+
+
+def array_namespace(*xs: Any) -> Any:
+    """The Array API namespace of ``xs`` (array-api-compat's wrapper where needed)."""
+    return _aac.array_namespace(*xs)
+
+
+def library_name(x: Any) -> str:
+    """A short, human name for the library an array comes from (for messages)."""
+    for test, name in (
+        (is_numpy_array, "numpy"),
+        (is_torch_array, "torch"),
+        (is_jax_array, "jax"),
+        (is_cupy_array, "cupy"),
+        (is_dask_array, "dask"),
+    ):
+        if test(x):
+            return name
+    return type(x).__module__.split(".")[0]
+
+
+def is_lazy(x: Any) -> bool:
+    """True when reading ``x``'s value would trigger a computation or is impossible.
+
+    JAX tracers (under ``jit``, ``vmap``, ``grad``), Dask arrays and other lazy
+    libraries; also torch tensors being traced by ``torch.compile``.
+    """
+    if is_jax_array(x):  # array-api-compat calls every JAX array lazy; only tracers are
+        return isinstance(x, sys.modules["jax"].core.Tracer)
+    if _aac.is_lazy_array(x):
+        return True
+    if is_torch_array(x):
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is not None and dynamo.is_compiling():
+            return True
+    return False
+
+
+def writable_problem(x: Any) -> str | None:
+    """Why ``x`` cannot be scaled in place, or ``None`` when it can."""
+    if is_jax_array(x):
+        return "JAX arrays are immutable"
+    if is_dask_array(x) or _aac.is_lazy_array(x):
+        return f"{library_name(x)} arrays are lazy and cannot be written in place"
+    if is_numpy_array(x) and not getattr(getattr(x, "flags", None), "writeable", True):
+        return "the NumPy array is read-only"
+    if is_torch_array(x):
+        if x.requires_grad and x.is_leaf:
+            return "the tensor is a leaf that requires grad"
+        if x.is_inference() and not _torch_inference_mode():
+            return "the tensor is an inference tensor"
+    if not _aac.is_writeable_array(x):
+        return f"{library_name(x)} arrays are not writable"
+    return None
+
+
+def _torch_inference_mode() -> bool:
+    torch = sys.modules["torch"]
+    return torch.is_inference_mode_enabled()
+
+
+def as_array(xp: Any, y: Any) -> Any:
+    """``y`` as an array: NumPy reductions and 0-d arithmetic return NumPy scalars."""
+    return xp.asarray(y) if _aac.is_numpy_namespace(xp) else y
+
+
+def default_float(xp: Any, dev: Any) -> Any:
+    """The namespace's default real floating dtype on ``dev``."""
+    try:
+        return xp.__array_namespace_info__().default_dtypes(device=dev)["real floating"]
+    except Exception:  # namespaces that predate the inspection API
+        return xp.float64 if hasattr(xp, "float64") else xp.float32
+
+
+def accumulation_dtype(xp: Any, dtypes: Any) -> Any:
+    """float64 if any dtype is (complex) double precision, else float32."""
+    f64 = getattr(xp, "float64", None)
+    c128 = getattr(xp, "complex128", None)
+    for dt in dtypes:
+        if dt == f64 or (c128 is not None and dt == c128):
+            return f64
+    return xp.float32

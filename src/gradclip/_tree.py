@@ -1,0 +1,199 @@
+"""Gradient trees: flatten to leaves with their positions, check them, rebuild.
+
+A tree is a single array, a nested ``list``/``tuple``/``dict`` of arrays (``None``
+leaves are kept), or, when JAX is imported, any node registered with
+``jax.tree_util`` (flax structs, equinox modules, ...). Dicts keep their key order
+and namedtuples their type, which ``jax.tree_util`` alone would not guarantee.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import _compat
+
+__all__ = ["Tree", "dtype_kind", "flatten"]
+
+Rebuild = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The array leaves of a gradient tree, in order, and how to rebuild it."""
+
+    leaves: list[Any]
+    paths: list[str]
+    xp: Any
+    acc_dtype: Any
+    device: Any
+    _rebuild: Rebuild
+
+    def unflatten(self, leaves: Sequence[Any]) -> Any:
+        """The tree with the same structure and ``leaves`` in place of the old ones."""
+        return self._rebuild(iter(leaves))
+
+    @property
+    def numel(self) -> int:
+        return sum(_size(x) for x in self.leaves)
+
+
+def _size(x: Any) -> int:
+    return math.prod(int(s) for s in x.shape) if x.shape else 1
+
+
+def dtype_kind(xp: Any, dt: Any) -> str:
+    """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"int"``,
+    ``"bool"`` or ``"other"``."""
+    name = str(getattr(dt, "name", dt)).rsplit(".", 1)[-1]
+    if name in ("float16", "bfloat16") or name.startswith("float8"):
+        return "low"
+    for kind, key in (
+        ("bool", "bool"),
+        ("int", "integral"),
+        ("float", "real floating"),
+        ("complex", "complex floating"),
+    ):
+        try:
+            if xp.isdtype(dt, key):
+                return kind
+        except TypeError:  # dtypes unknown to the namespace (ml_dtypes in NumPy)
+            break
+    return "other"
+
+
+def _keystr(key: Any) -> str:
+    return f"[{key!r}]"
+
+
+def _flatten_node(node: Any, path: str, leaves: list[Any], paths: list[str]) -> Rebuild:
+    if node is None:
+        return lambda it: None
+    if _compat.is_array_api_obj(node):
+        leaves.append(node)
+        paths.append(path)
+        return lambda it: next(it)
+    if isinstance(node, dict):
+        keys = list(node)
+        subs = [_flatten_node(node[k], path + _keystr(k), leaves, paths) for k in keys]
+        typ = type(node)
+
+        def rebuild_dict(it: Any) -> Any:
+            values = [sub(it) for sub in subs]
+            if typ is dict:
+                return dict(zip(keys, values))
+            new = copy.copy(node)  # keeps a defaultdict's factory, an OrderedDict's type
+            new.update(zip(keys, values))
+            return new
+
+        return rebuild_dict
+    if isinstance(node, (list, tuple)):
+        subs = [_flatten_node(v, f"{path}[{i}]", leaves, paths) for i, v in enumerate(node)]
+        typ = type(node)
+        if hasattr(node, "_fields"):  # namedtuple
+            return lambda it: typ(*[sub(it) for sub in subs])
+        if typ in (list, tuple):
+            return lambda it: typ([sub(it) for sub in subs])
+        return lambda it: typ(sub(it) for sub in subs)
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        rebuild = _flatten_jax_node(jax, node, path, leaves, paths)
+        if rebuild is not None:
+            return rebuild
+    raise TypeError(
+        f"{path} is a {type(node).__module__}.{type(node).__qualname__}, not an array: "
+        "every leaf of the gradient tree must be an array (or None) from one array library"
+    )
+
+
+def _flatten_jax_node(
+    jax: Any, node: Any, path: str, leaves: list[Any], paths: list[str]
+) -> Rebuild | None:
+    """Flatten one level of a node registered with ``jax.tree_util``, or ``None``."""
+    tu = jax.tree_util
+    keyed, treedef = tu.tree_flatten_with_path(node, is_leaf=lambda n: n is not node)
+    if tu.treedef_is_leaf(treedef):
+        return None
+    subs = [_flatten_node(v, path + tu.keystr(k), leaves, paths) for k, v in keyed]
+    return lambda it: tu.tree_unflatten(treedef, [sub(it) for sub in subs])
+
+
+def flatten(
+    tree: Any,
+    name: str = "grads",
+    *,
+    promote_int: bool = True,
+    allow_empty: bool = False,
+) -> Tree:
+    """Flatten ``tree`` and check that its leaves are arrays of one library.
+
+    Integer leaves are promoted to the namespace's default floating dtype when
+    ``promote_int`` is true and are a ``TypeError`` otherwise (in-place calls).
+    """
+    leaves: list[Any] = []
+    paths: list[str] = []
+    rebuild = _flatten_node(tree, name, leaves, paths)
+    if not leaves:
+        if allow_empty:
+            return Tree(leaves, paths, None, None, None, rebuild)
+        raise ValueError(f"{name} has no array leaves (only None or empty containers)")
+
+    xp = _namespace(leaves, paths)
+    dev = _compat.device(leaves[0])
+    kinds = [dtype_kind(xp, x.dtype) for x in leaves]
+    for i, kind in enumerate(kinds):
+        if kind == "int" and promote_int:
+            leaves[i] = xp.astype(leaves[i], _compat.default_float(xp, _compat.device(leaves[i])))
+        elif kind not in ("low", "float", "complex"):
+            hint = (
+                "; integer gradients are promoted only by the functional form, "
+                "use it or pass a floating array"
+                if kind == "int"
+                else ""
+            )
+            raise TypeError(
+                f"{paths[i]} has dtype {leaves[i].dtype}, but gradients must be "
+                f"floating point{hint}"
+            )
+    acc = _compat.accumulation_dtype(xp, [x.dtype for x in leaves])
+    return Tree(leaves, paths, xp, acc, dev, rebuild)
+
+
+def _namespace(leaves: list[Any], paths: list[str]) -> Any:
+    """The one namespace of all leaves; a ``TypeError`` naming two that differ."""
+    seen: dict[type, tuple[Any, int]] = {}
+    first: tuple[Any, int] | None = None
+    for i, x in enumerate(leaves):
+        typ = type(x)
+        if typ not in seen:
+            seen[typ] = (_compat.array_namespace(x), i)
+        xp, j = seen[typ]
+        if first is None:
+            first = (xp, j)
+        elif xp is not first[0]:
+            a, b = leaves[first[1]], x
+            raise TypeError(
+                f"all leaves must come from one array library, but {paths[first[1]]} is a "
+                f"{_compat.library_name(a)} array ({type(a).__name__}) and {paths[i]} is a "
+                f"{_compat.library_name(b)} array ({type(b).__name__})"
+            )
+    assert first is not None
+    return first[0]
+
+
+def check_same_structure(a: Tree, b: Tree, names: tuple[str, str]) -> None:
+    """A ``ValueError`` naming the first position where two trees differ."""
+    pa = [p[len(names[0]) :] for p in a.paths]
+    pb = [p[len(names[1]) :] for p in b.paths]
+    if pa == pb:
+        return
+    for ka, kb in zip(pa, pb):
+        if ka != kb:
+            raise ValueError(
+                f"{names[0]} and {names[1]} differ in structure: {names[0]}{ka} vs {names[1]}{kb}"
+            )
+    raise ValueError(f"{names[0]} has {len(pa)} array leaves but {names[1]} has {len(pb)}")

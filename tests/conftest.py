@@ -1,0 +1,150 @@
+"""Shared fixtures: one ``Backend`` per array library, and float64 references.
+
+Every backend test runs on array-api-strict (the bare standard), NumPy, PyTorch
+(CPU), JAX (CPU, with float64 enabled), Dask and, where a CUDA device exists, CuPy.
+A backend that cannot run here is *skipped* with the reason, never counted as passed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+try:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)  # so float64 leaves can be tested on JAX
+except ImportError:  # pragma: no cover - jax is a test dependency
+    jax = None
+
+ALL_BACKENDS = ["array_api_strict", "numpy", "torch", "jax", "dask", "cupy"]
+FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+@dataclass
+class Backend:
+    """How a test makes arrays of one library from NumPy and reads them back."""
+
+    name: str
+    mod: Any
+    dtypes: set[str] = field(default_factory=lambda: set(FLOAT_DTYPES))
+    writable: bool = True
+    lazy: bool = False
+
+    def dtype(self, name: str) -> Any:
+        if self.name == "numpy" and name == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        if self.name == "dask":
+            return np.dtype(name)
+        return getattr(self.mod, name)
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        """A backend array with the values of NumPy array ``a`` (in ``dtype``)."""
+        a = np.asarray(a)
+        if dtype is not None and dtype != "bfloat16":
+            a = a.astype(dtype)
+        if self.name == "torch":
+            t = self.mod.from_numpy(np.ascontiguousarray(a))
+            return t.to(self.dtype(dtype)) if dtype == "bfloat16" else t
+        if self.name == "jax":
+            x = self.mod.asarray(a)
+            return x.astype(self.mod.bfloat16) if dtype == "bfloat16" else x
+        if self.name == "dask":
+            return self.mod.from_array(a, chunks=tuple(max(1, (s + 1) // 2) for s in a.shape))
+        if self.name == "numpy":
+            return a.astype(self.dtype(dtype)) if dtype == "bfloat16" else a.copy()
+        if self.name == "cupy":
+            return self.mod.asarray(a)
+        return self.mod.asarray(a)  # array_api_strict
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """``x`` as a float64 NumPy array (computing Dask graphs)."""
+        if self.name == "torch":
+            return x.detach().cpu().to(self.mod.float64).numpy()
+        if self.name == "dask":
+            x = x.compute()
+        if self.name == "cupy":
+            x = x.get()
+        if self.name == "array_api_strict":
+            x = np.asarray(self.mod.astype(x, self.mod.float64))
+        return np.asarray(x).astype(np.float64)
+
+    def is_native(self, x: Any) -> bool:
+        """True when ``x`` is an array of this backend's library."""
+        if self.name == "torch":
+            return isinstance(x, self.mod.Tensor)
+        if self.name == "jax":
+            return isinstance(x, jax.Array)
+        if self.name == "numpy":
+            return isinstance(x, np.ndarray)
+        if self.name == "dask":
+            return type(x) is type(self.mod.asarray(0.0))
+        if self.name == "cupy":
+            return isinstance(x, self.mod.ndarray)
+        return type(x) is type(self.mod.asarray(0.0))
+
+
+def make_backend(name: str) -> Backend:
+    if name == "cupy":
+        cupy = pytest.importorskip("cupy")
+        try:
+            ok = cupy.cuda.runtime.getDeviceCount() > 0
+        except Exception:
+            ok = False
+        if not ok:
+            pytest.skip("cupy: no CUDA device on this machine")
+        return Backend("cupy", cupy, dtypes={"float16", "float32", "float64"})
+    if name == "torch":
+        return Backend("torch", pytest.importorskip("torch"))
+    if name == "jax":
+        pytest.importorskip("jax")
+        return Backend("jax", importlib.import_module("jax.numpy"), writable=False, lazy=False)
+    if name == "dask":
+        da = pytest.importorskip("dask.array")
+        return Backend("dask", da, dtypes={"float16", "float32", "float64"}, writable=False)
+    if name == "numpy":
+        return Backend("numpy", np)
+    strict = pytest.importorskip("array_api_strict")
+    return Backend("array_api_strict", strict, dtypes={"float32", "float64"})
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each array library in turn (skipped, with the reason, where unavailable)."""
+    return make_backend(request.param)
+
+
+@pytest.fixture(params=[b for b in ALL_BACKENDS if b not in ("jax", "dask")])
+def writable_backend(request: pytest.FixtureRequest) -> Backend:
+    """The libraries whose arrays can be clipped in place."""
+    return make_backend(request.param)
+
+
+def ref_norm(arrays: list[np.ndarray], p: float) -> float:
+    """The float64 (long double where it helps) p-norm of all elements as one vector."""
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays] or [[]])
+    if flat.size == 0:
+        return 0.0
+    a = np.abs(flat)
+    if math.isinf(p):
+        return float(a.max())
+    m = a.max()
+    if not np.isfinite(m):
+        return float(np.sum(a**p)) ** (1 / p)
+    if m == 0:
+        return 0.0
+    return float(m * np.sum((a / m).astype(np.longdouble) ** p) ** (1 / p))
+
+
+def ref_clip(arrays: list[np.ndarray], max_norm: float, p: float, eps: float = 0.0):
+    """The float64 reference of Pascanu's rule: (clipped arrays, norm)."""
+    n = ref_norm(arrays, p)
+    scale = 1.0 if n + eps <= max_norm else max_norm / (n + eps)
+    return [np.asarray(a, dtype=np.float64) * scale for a in arrays], n
