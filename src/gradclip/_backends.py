@@ -2,14 +2,39 @@
 
 The Array API core (``_norms``, ``_clipping``) is the reference; a fast path for a
 library may replace a step when it computes the same result to a few ulps. Each hook
-returns ``None`` when no fast path applies, and the core runs.
+returns ``None`` when no fast path applies (or fast paths are switched off with
+:func:`fast_paths`), and the core runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["global_norm_impl", "scale_impl"]
+__all__ = ["enabled", "fast_paths", "global_norm_impl", "scale_impl"]
+
+_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("gradclip_fast", default=True)
+
+
+@contextlib.contextmanager
+def fast_paths(on: bool) -> Iterator[None]:
+    """Switch the backend fast paths on or off inside a ``with`` block.
+
+    ``with fast_paths(False):`` runs the pure Array API core, the reference that
+    every fast path must agree with (and what ``foreach=False`` selects in
+    :mod:`gradclip.torch`).
+    """
+    token = _ENABLED.set(on)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def enabled() -> bool:
+    return _ENABLED.get()
 
 
 def global_norm_impl(tree: Any) -> Any:
