@@ -51,7 +51,7 @@ class Backend:
         if dtype is not None and dtype != "bfloat16":
             a = a.astype(dtype)
         if self.name == "torch":
-            t = self.mod.from_numpy(np.ascontiguousarray(a))
+            t = self.mod.from_numpy(a.copy(order="C"))
             return t.to(self.dtype(dtype)) if dtype == "bfloat16" else t
         if self.name == "jax":
             x = self.mod.asarray(a)

@@ -244,6 +244,8 @@ def _apply(tree: _tree.Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: 
         return fast(tree, scale)
     xp = tree.xp
     ok = xp.isfinite(norm) if nonfinite == "zero" else None
+    if ok is not None:  # a NaN norm makes a NaN scale
+        scale = xp.where(ok, scale, xp.zeros_like(scale))
     casts: dict[Any, Any] = {}
     out = []
     for x in tree.leaves:
@@ -251,9 +253,9 @@ def _apply(tree: _tree.Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: 
             x *= _cast(tree, casts, scale, x)
             out.append(x)
             continue
-        y = _scaled(tree, x, _cast(tree, casts, scale, x), cast=False)
-        if ok is not None:
-            y = xp.where(_to_device(ok, x), y, xp.zeros((), dtype=y.dtype, device=_dev(x)))
+        if ok is not None:  # zero the leaf before scaling, so inf * 0 never makes a NaN
+            x_ok = xp.where(_to_device(ok, x), x, xp.zeros((), dtype=x.dtype, device=_dev(x)))
+        y = _scaled(tree, x if ok is None else x_ok, _cast(tree, casts, scale, x), cast=False)
         if inplace:
             x[...] = y
             y = x

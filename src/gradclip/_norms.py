@@ -129,9 +129,10 @@ def _combine(tree: _tree.Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
     if math.isinf(p):
         return big
     ss = xp.stack([s for _, s in terms])
-    ds = _safe_scale(xp, ms)
     scale = _safe_scale(xp, big)
-    r = ds / scale
+    # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale); an
+    # inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
+    r = xp.where(ms > 0, _safe_scale(xp, ms), xp.zeros_like(ms)) / scale
     weight = r * r if p == 2 else r if p == 1 else xp.pow(r, p)
     return _scaled_root(xp, scale, xp.sum(weight * ss), p)
 
