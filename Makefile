@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 DEPS := pyproject.toml constraints.txt
+LINTED := $(wildcard src tests benchmarks examples)
 
 .PHONY: demo test lint format docs bench clean
 
@@ -25,16 +26,16 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python -m gradclip
 
 test: $(VENV)/.test-installed
-	$(BIN)/python -m ruff check src tests benchmarks examples
-	$(BIN)/python -m ruff format --check src tests benchmarks examples
+	$(BIN)/python -m ruff check $(LINTED)
+	$(BIN)/python -m ruff format --check $(LINTED)
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-installed
-	$(BIN)/python -m ruff check src tests benchmarks examples
+	$(BIN)/python -m ruff check $(LINTED)
 
 format: $(VENV)/.test-installed
-	$(BIN)/python -m ruff format src tests benchmarks examples
-	$(BIN)/python -m ruff check --fix src tests benchmarks examples
+	$(BIN)/python -m ruff format $(LINTED)
+	$(BIN)/python -m ruff check --fix $(LINTED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site
