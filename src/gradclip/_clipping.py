@@ -160,7 +160,8 @@ def clip_by_norm(grads: Any, /, max_norm: Any, *, ord: float = 2, eps: float = 0
     out = []
     for x, n in zip(tree.leaves, _norms.leaf_norms(tree, p)):
         m = _checks.scalar_or_array(tree.xp, max_norm, n.dtype, _compat.device(n))
-        out.append(_compat.as_array(tree.xp, _scaled(tree, x, clip_scale(n, m, eps))))
+        s = _cast(tree, {}, clip_scale(n, m, eps), x)
+        out.append(_compat.as_array(tree.xp, _scaled(tree, x, s)))
     return tree.unflatten(out)
 
 
@@ -249,13 +250,16 @@ def _apply(tree: _tree.Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: 
     casts: dict[Any, Any] = {}
     out = []
     for x in tree.leaves:
-        if ok is None and inplace and _multiplies_in_place(x):
-            x *= _cast(tree, casts, scale, x)
+        s = _cast(tree, casts, scale, x)
+        if inplace and ok is None and _multiplies_in_place(x):
+            x *= s
             out.append(x)
             continue
         if ok is not None:  # zero the leaf before scaling, so inf * 0 never makes a NaN
-            x_ok = xp.where(_to_device(ok, x), x, xp.zeros((), dtype=x.dtype, device=_dev(x)))
-        y = _scaled(tree, x if ok is None else x_ok, _cast(tree, casts, scale, x), cast=False)
+            zero = xp.zeros((), dtype=x.dtype, device=_dev(x))
+            y = _scaled(tree, xp.where(_to_device(ok, x), x, zero), s)
+        else:
+            y = _scaled(tree, x, s)
         if inplace:
             x[...] = y
             y = x
@@ -269,12 +273,10 @@ def _multiplies_in_place(x: Any) -> bool:
     return _compat.is_numpy_array(x) or _compat.is_torch_array(x) or _compat.is_cupy_array(x)
 
 
-def _scaled(tree: _tree.Tree, x: Any, scale: Any, *, cast: bool = True) -> Any:
-    """``x * scale`` in the leaf's dtype; float16/bfloat16 leaves are multiplied in the
-    scale's (float32) precision and rounded once."""
+def _scaled(tree: _tree.Tree, x: Any, scale: Any) -> Any:
+    """``x * scale`` in the leaf's dtype, for a ``scale`` from :func:`_cast`:
+    float16/bfloat16 leaves are multiplied in float32 and rounded once."""
     xp = tree.xp
-    if cast:
-        scale = _cast(tree, {}, scale, x)
     if scale.dtype != x.dtype and _tree.dtype_kind(xp, x.dtype) == "low":
         return xp.astype(xp.astype(x, scale.dtype) * scale, x.dtype)
     return x * scale
