@@ -46,7 +46,8 @@ def test_jit_raise_is_a_clear_error_and_zero_works():
     with pytest.raises(ValueError, match="nonfinite='raise'"):
         jax.jit(lambda g: gc.clip_by_global_norm(g, 1.0, nonfinite="raise"))(g)
     out, norm = jax.jit(lambda g: gc.clip_by_global_norm(g, 1.0, nonfinite="zero"))(g)
-    assert bool(jnp.isnan(norm)) and not np.any(np.asarray(out))
+    assert bool(jnp.isnan(norm))
+    assert not np.any(np.asarray(out))
 
 
 # -- vmap: per-example clipping --------------------------------------------------------
@@ -180,9 +181,11 @@ def _model_tree():
 
 def _check_tree(out, tree):
     assert list(out) == ["z_block", "a_pair", "m"]  # insertion order, not sorted
-    assert isinstance(out["z_block"], Block) and out["z_block"].name == "enc"
+    assert isinstance(out["z_block"], Block)
+    assert out["z_block"].name == "enc"
     assert isinstance(out["z_block"].dense, Linear)
-    assert isinstance(out["a_pair"], Pair) and out["a_pair"].second is None
+    assert isinstance(out["a_pair"], Pair)
+    assert out["a_pair"].second is None
     assert jax.tree.structure(out) == jax.tree.structure(tree)
 
 

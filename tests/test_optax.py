@@ -73,7 +73,8 @@ def test_same_updates_and_params_as_optax(ours, theirs, inner, dtype):
                 np.testing.assert_allclose(x, y, rtol=0, atol=tol * float(jnp.max(jnp.abs(y))))
     # the test is only meaningful if the clip acted on some steps and not on others
     norms = [ref_norm(list(g.values()), 2) for g in grads]
-    assert min(norms) < 0.7 and max(norms) > 1.5
+    assert min(norms) < 0.7
+    assert max(norms) > 1.5
 
 
 def test_global_norm_drop_in_keeps_optax_state():
@@ -165,7 +166,8 @@ def test_stateful_clipper_threshold_and_state(dtype):
             x.dtype for x in jax.tree.leaves(init)
         ]
     assert jnp.dtype(clip_state.norm.dtype) == jnp.dtype(dtype)
-    assert True in clipped_flags and False in clipped_flags
+    assert True in clipped_flags
+    assert False in clipped_flags
 
 
 def test_stateful_clipper_infinite_threshold_does_not_clip():
@@ -180,7 +182,8 @@ def test_stateful_clipper_infinite_threshold_does_not_clip():
     tx = gco.clip_by_global_norm(Never())
     out, state = jax.jit(tx.update)(g, tx.init(g))
     np.testing.assert_array_equal(out["a"], g["a"])
-    assert float(state.norm) == 500.0 and not bool(state.clipped)
+    assert float(state.norm) == 500.0
+    assert not bool(state.clipped)
     assert math.isinf(float(state.max_norm))
 
 
@@ -240,7 +243,8 @@ def test_skip_nonfinite_counters_unlike_optax():
         applied_theirs.append(bool(ut != 0))
     # ours: skip, give up once, then skip again
     assert applied_ours == [True, False, True, False, True, False]
-    assert int(so.skipped) == 3 and int(so.consecutive) == 1
+    assert int(so.skipped) == 3
+    assert int(so.consecutive) == 1
     # optax: the third NaN in a row is applied too, and total_notfinite counts applied steps
     assert applied_theirs == [True, False, True, True, True, False]
     assert int(st.total_notfinite) == 4
@@ -249,7 +253,8 @@ def test_skip_nonfinite_counters_unlike_optax():
 def test_skip_nonfinite_max_consecutive_zero_never_skips():
     tx = gco.skip_nonfinite(optax.sgd(1.0), max_consecutive=0)
     u, s = tx.update(jnp.array([jnp.nan]), tx.init(jnp.zeros(1)))
-    assert bool(jnp.isnan(u[0])) and int(s.skipped) == 0
+    assert bool(jnp.isnan(u[0]))
+    assert int(s.skipped) == 0
 
 
 # -- argument checks ----------------------------------------------------------------
