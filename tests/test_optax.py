@@ -31,20 +31,25 @@ def _grads(rng: np.random.Generator, dtype: str) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _run(tx, grads, params):
-    """Apply ``tx`` under jit over the gradient list; the updates and params of each step."""
+def _stepper(tx):
+    """One jitted optimizer step: ``(params, state, grads) -> (params, state, updates)``."""
 
     @jax.jit
     def step(params, state, g):
         updates, state = tx.update(g, state, params)
         return optax.apply_updates(params, updates), state, updates
 
-    state = tx.init(params)
+    return step
+
+
+def _run(tx, grads, params):
+    """Apply ``tx`` under jit over the gradient list: ``(updates, params, state)`` per step."""
+    step, state = _stepper(tx), tx.init(params)
     history = []
     for g in grads:
         params, state, updates = step(params, state, jax.tree.map(jnp.asarray, g))
-        history.append((updates, params))
-    return history, state
+        history.append((updates, params, state))
+    return history
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -62,11 +67,11 @@ def test_same_updates_and_params_as_optax(ours, theirs, inner, dtype):
     grads = _grads(rng, dtype)
     params = {"w": jnp.ones((3, 2), dtype), "b": jnp.zeros(2, dtype)}
     opt = (lambda: optax.sgd(0.1)) if inner == "sgd" else (lambda: optax.adam(0.1))
-    a, _ = _run(optax.chain(ours(), opt()), grads, params)
-    b, _ = _run(optax.chain(theirs(), opt()), grads, params)
+    a = _run(optax.chain(ours(), opt()), grads, params)
+    b = _run(optax.chain(theirs(), opt()), grads, params)
     # to rounding: a few ulps of the largest element (Adam's moments cancel in places)
     tol = 4e-7 if dtype == "float32" else 1e-15
-    for (ua, pa), (ub, pb) in zip(a, b):
+    for (ua, pa, _), (ub, pb, _) in zip(a, b):
         for k in ("w", "b"):
             assert ua[k].dtype == ub[k].dtype == pa[k].dtype
             for x, y in ((ua[k], ub[k]), (pa[k], pb[k])):
@@ -86,9 +91,9 @@ def test_clip_by_norm_matches_per_leaf_reference():
     rng = np.random.default_rng(1)
     grads = _grads(rng, "float64")
     params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
-    history, _ = _run(optax.chain(gco.clip_by_norm(1.2, ord=3), optax.sgd(1.0)), grads, params)
+    history = _run(optax.chain(gco.clip_by_norm(1.2, ord=3), optax.sgd(1.0)), grads, params)
     total = {k: np.zeros_like(v) for k, v in grads[0].items()}
-    for g, (updates, new_params) in zip(grads, history):
+    for g, (updates, new_params, _) in zip(grads, history):
         for k in g:
             (want,), _ = ref_clip([g[k]], 1.2, 3)
             np.testing.assert_allclose(updates[k], -want, rtol=1e-13)
@@ -134,19 +139,9 @@ def test_stateful_clipper_threshold_and_state(dtype):
     params = {"w": jnp.zeros((3, 2), dtype), "b": jnp.zeros(2, dtype)}
     tx = optax.chain(gco.clip_by_global_norm(Halving(8.0), eps=1e-6), optax.sgd(1.0))
     init = tx.init(params)
-    history, _ = [], None
-
-    @jax.jit
-    def step(params, state, g):
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state, updates
-
-    state, p = init, params
     clipped_flags = []
     rtol = 1e-6 if dtype == "float32" else 1e-13
-    for k, g in enumerate(grads):
-        p, state, updates = step(p, state, jax.tree.map(jnp.asarray, g))
-        history.append(updates)
+    for k, (g, (updates, _, state)) in enumerate(zip(grads, _run(tx, grads, params))):
         limit = 8.0 / 2**k
         arrays = [g["w"], g["b"]]
         want, n = ref_clip(arrays, limit, 2, eps=1e-6)
@@ -206,12 +201,7 @@ def test_skip_nonfinite_leaves_inner_state_untouched(bad):
     g1 = {"w": jnp.array([0.3, 2.0]), "b": jnp.array([-1.0])}
     g_bad = {"w": jnp.array([0.3, bad]), "b": jnp.array([-1.0])}
     g3 = {"w": jnp.array([-0.4, 0.1]), "b": jnp.array([0.2])}
-
-    @jax.jit
-    def step(params, state, g):
-        updates, state = tx.update(g, state, params)
-        return optax.apply_updates(params, updates), state, updates
-
+    step = _stepper(tx)
     p1, s1, _ = step(params, tx.init(params), g1)
     p2, s2, u2 = step(p1, s1, g_bad)
     assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(u2))
