@@ -275,3 +275,23 @@ def test_nonfinite_zero_transform_under_jit():
     g = [jnp.array([1.0, jnp.inf]), jnp.array([2.0])]
     out, _ = jax.jit(tx.update)(g, tx.init(g))
     assert all(not np.any(np.asarray(x)) for x in out)
+
+
+def test_inject_hyperparams_max_norm_like_optax():
+    g = {"w": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}
+    ours = optax.inject_hyperparams(gco.clip_by_global_norm, static_args=("ord", "eps"))
+    theirs = optax.inject_hyperparams(optax.clip_by_global_norm)
+    for tx in (ours(max_norm=1.0), theirs(max_norm=1.0)):
+        update = jax.jit(tx.update)
+        state = tx.init(g)
+        out = []
+        for m in (1.0, 26.0, 6.5):  # one compile: max_norm is traced from the state
+            state.hyperparams["max_norm"] = jnp.asarray(m)
+            out.append(update(g, state)[0])
+        assert update._cache_size() == 1
+        want = [ref_clip([np.asarray(g["w"]), np.asarray(g["b"])], m, 2)[0] for m in (1, 26, 6.5)]
+        for o, (w, b) in zip(out, want):
+            np.testing.assert_allclose(o["w"], w, rtol=1e-15)
+            np.testing.assert_allclose(o["b"], b, rtol=1e-15)
+    with pytest.raises(TypeError, match="static_args"):
+        optax.inject_hyperparams(gco.clip_by_global_norm)(max_norm=1.0).init(g)

@@ -136,6 +136,10 @@ def clip_by_global_norm(
     ord : float, optional
         The norm's order: any real ``p > 0`` or ``math.inf`` (default 2).
 
+    ``ord`` and ``eps`` must be Python numbers; ``max_norm`` may be an array, so
+    ``optax.inject_hyperparams(clip_by_global_norm, static_args=("ord", "eps"))``
+    makes it a hyperparameter that can change from step to step.
+
     Returns
     -------
     optax.GradientTransformation
@@ -152,11 +156,10 @@ def clip_by_global_norm(
     >>> print(updates["w"])
     [-1.5 -2. ]
     """
-    p = _checks.check_ord(ord)
-    eps = _checks.check_nonneg(eps, "eps")
+    p, eps = _static_options(ord, eps)
     nonfinite = _checks.check_nonfinite(nonfinite)
     if isinstance(max_norm, StatefulClipper):
-        return _adaptive(max_norm, p, eps, nonfinite)
+        return _with_clipper(max_norm, p, eps, nonfinite)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
     return _stateless(_clip_global, max_norm, ord=p, eps=eps, nonfinite=nonfinite)
 
@@ -177,8 +180,7 @@ def clip_by_norm(
     >>> print(updates[0], updates[1])
     [1.5 2. ] [0.5]
     """
-    p = _checks.check_ord(ord)
-    eps = _checks.check_nonneg(eps, "eps")
+    p, eps = _static_options(ord, eps)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
     return _stateless(_clipping.clip_by_norm, max_norm, ord=p, eps=eps)
 
@@ -300,11 +302,22 @@ def _stateless(
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def _static_options(ord: Any, eps: Any) -> tuple[float, float]:
+    """``ord`` and ``eps`` checked; they choose the computation, so they are Python numbers."""
+    for name, value in (("ord", ord), ("eps", eps)):
+        if hasattr(value, "shape"):
+            raise TypeError(
+                f"{name} must be a Python number, not an array; with "
+                "optax.inject_hyperparams pass static_args=('ord', 'eps')"
+            )
+    return _checks.check_ord(ord), _checks.check_nonneg(eps, "eps")
+
+
 def _clip_global(updates: Any, max_norm: Any, **kwargs: Any) -> Any:
     return _clipping.clip_by_global_norm(updates, max_norm, **kwargs)[0]
 
 
-def _adaptive(
+def _with_clipper(
     clipper: StatefulClipper, p: float, eps: float, nonfinite: str
 ) -> optax.GradientTransformation:
     """:func:`clip_by_global_norm` with a threshold from a stateful clipper."""
