@@ -31,23 +31,20 @@ def _np(tree):
 def test_jit_with_traced_max_norm(ord):
     rng = np.random.default_rng(0)
     grads = {"w": jnp.asarray(rng.standard_normal((4, 3))), "b": jnp.asarray([0.5, -2.0])}
-    f = jax.jit(lambda g, m: gc.clip_by_global_norm(g, m, ord=ord))
+    traces = []
+
+    @jax.jit
+    def f(g, m):
+        traces.append(m)  # runs once per trace
+        return gc.clip_by_global_norm(g, m, ord=ord)
+
     for m in (0.5, 1e3):  # clipped, then not: one compile, max_norm is traced
         out, norm = f(grads, jnp.asarray(m))
         want, n = ref_clip(_np(grads), m, ord)
         np.testing.assert_allclose(float(norm), n, rtol=1e-14)
         for x, y in zip(_np(out), want):
             np.testing.assert_allclose(x, y, rtol=1e-14)
-    assert f._cache_size() == 1
-
-
-def test_jit_raise_is_a_clear_error_and_zero_works():
-    g = jnp.array([1.0, jnp.nan])
-    with pytest.raises(ValueError, match="nonfinite='raise'"):
-        jax.jit(lambda g: gc.clip_by_global_norm(g, 1.0, nonfinite="raise"))(g)
-    out, norm = jax.jit(lambda g: gc.clip_by_global_norm(g, 1.0, nonfinite="zero"))(g)
-    assert bool(jnp.isnan(norm))
-    assert not np.any(np.asarray(out))
+    assert len(traces) == 1
 
 
 # -- vmap: per-example clipping --------------------------------------------------------

@@ -267,14 +267,14 @@ def skip_nonfinite(
         new_updates, inner_state = jax.lax.cond(
             apply,
             lambda: inner.update(updates, state.inner_state, params, **extra_args),
-            lambda: (optax.tree.zeros_like(updates), state.inner_state),
+            lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state),
         )
         skip = jnp.logical_not(apply)
         return new_updates, SkipNonfiniteState(
             inner_state,
             finite,
-            jnp.where(skip, optax.safe_increment(state.consecutive), 0).astype(jnp.int32),
-            jnp.where(skip, optax.safe_increment(state.skipped), state.skipped),
+            jnp.where(skip, _increment(state.consecutive), jnp.zeros_like(state.consecutive)),
+            jnp.where(skip, _increment(state.skipped), state.skipped),
         )
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -343,6 +343,11 @@ def _with_clipper(
         return clipped, new
 
     return optax.GradientTransformation(init, update)
+
+
+def _increment(count: jax.Array) -> jax.Array:
+    """``count + 1``, staying at the largest int32 rather than wrapping around."""
+    return count + (count < jnp.iinfo(count.dtype).max).astype(count.dtype)
 
 
 def _all_finite(updates: Any) -> jax.Array:
