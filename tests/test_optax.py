@@ -301,3 +301,12 @@ def test_inject_hyperparams_max_norm_like_optax():
             np.testing.assert_allclose(o["b"], b, rtol=1e-15)
     with pytest.raises(TypeError, match="static_args"):
         optax.inject_hyperparams(gco.clip_by_global_norm)(max_norm=1.0).init(g)
+
+
+def test_skip_nonfinite_counters_saturate_instead_of_wrapping():
+    tx = gco.skip_nonfinite(optax.sgd(1.0))
+    top = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+    state = tx.init(jnp.zeros(1))._replace(consecutive=top, skipped=top)
+    _, state = jax.jit(tx.update)(jnp.array([jnp.nan]), state)
+    assert state.consecutive.dtype == state.skipped.dtype == jnp.int32
+    assert int(state.consecutive) == int(state.skipped) == np.iinfo(np.int32).max
