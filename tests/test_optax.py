@@ -310,3 +310,17 @@ def test_skip_nonfinite_counters_saturate_instead_of_wrapping():
     _, state = jax.jit(tx.update)(jnp.array([jnp.nan]), state)
     assert state.consecutive.dtype == state.skipped.dtype == jnp.int32
     assert int(state.consecutive) == int(state.skipped) == np.iinfo(np.int32).max
+
+
+def test_stateless_helper_passes_params_when_asked():
+    """The hook that adaptive clipping (gc.adaptive_grad_clip) plugs into."""
+
+    def clip_to_params(g, p, factor):  # each element to factor * |param|
+        return jax.tree.map(lambda a, b: jnp.clip(a, -factor * abs(b), factor * abs(b)), g, p)
+
+    tx = gco._stateless(clip_to_params, 0.5, needs_params=True)
+    g, p = {"w": jnp.array([3.0, -4.0])}, {"w": jnp.array([2.0, 10.0])}
+    out, _ = jax.jit(tx.update)(g, tx.init(p), p)
+    np.testing.assert_array_equal(out["w"], [1.0, -4.0])
+    with pytest.raises(ValueError, match="clip_to_params needs the parameters"):
+        tx.update(g, tx.init(p))
