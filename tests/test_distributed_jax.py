@@ -139,7 +139,9 @@ def test_vmap_axis_name(p: float, mark: bool) -> None:
         rep = {"w": False, "ln": True} if mark else None
         return gc.global_norm({"w": w_shard, "ln": ln}, ord=p, axis_name="i", replicated=rep)
 
-    got = jax.vmap(norm, in_axes=(0, None), axis_name="i")(jnp.asarray(w), jnp.asarray(ln))
+    got = jax.jit(jax.vmap(norm, in_axes=(0, None), axis_name="i"))(
+        jnp.asarray(w), jnp.asarray(ln)
+    )
     want = ref_norm([w, ln] if mark else [w, *[ln] * 4], p)
     np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL)
 

@@ -133,7 +133,7 @@ def _markers(tree: _tree.Tree, replicated: Any) -> list[Any]:
     if callable(replicated) and not _is_group(replicated):
         return [_none_false(replicated(path)) for path in tree.paths]
     given: dict[str, Any] = {}
-    _marker_leaves(replicated, tree.paths[0].split("[", 1)[0].split(".", 1)[0], given)
+    _marker_leaves(replicated, "grads", given)  # the root name of _tree.flatten's paths
     out = []
     for path in tree.paths:
         hit = [k for k in given if path.startswith(k) and path[len(k) : len(k) + 1] in "[."]
