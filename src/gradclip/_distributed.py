@@ -130,7 +130,7 @@ def _markers(tree: _tree.Tree, replicated: Any) -> list[Any]:
     or the groups/axes it is replicated over."""
     if replicated is None:
         return [False] * len(tree.leaves)
-    if callable(replicated) and not _is_group(replicated):
+    if callable(replicated):
         return [_none_false(replicated(path)) for path in tree.paths]
     given: dict[str, Any] = {}
     _marker_leaves(replicated, "grads", given)  # the root name of _tree.flatten's paths
