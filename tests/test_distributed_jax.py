@@ -130,20 +130,42 @@ def test_pmap_replicated_leaf_counts_once(results: dict[str, Any]) -> None:
 @pytest.mark.parametrize("p", S.ORDS)
 @pytest.mark.parametrize("mark", [True, False])
 def test_vmap_axis_name(p: float, mark: bool) -> None:
-    """vmap over 4 shards of w, with ln unbatched (the same for every shard)."""
+    """vmap over 4 shards of w, with the norms unbatched (the same for every shard);
+    the markers are a prefix tree: one marker for the whole "norms" list."""
     rng = np.random.default_rng(3)
     w = rng.standard_normal((4, 3, 2)).astype(np.float32)
     ln = rng.standard_normal(5).astype(np.float32)
+    ln2 = rng.standard_normal(2).astype(np.float32)
 
-    def norm(w_shard: Any, ln: Any) -> Any:
-        rep = {"w": False, "ln": True} if mark else None
-        return gc.global_norm({"w": w_shard, "ln": ln}, ord=p, axis_name="i", replicated=rep)
+    def norm(w_shard: Any, ln: Any, ln2: Any) -> Any:
+        rep = {"enc": {"w": False}, "norms": True} if mark else None
+        g = {"enc": {"w": w_shard}, "norms": [ln, ln2]}
+        return gc.global_norm(g, ord=p, axis_name="i", replicated=rep)
 
-    got = jax.jit(jax.vmap(norm, in_axes=(0, None), axis_name="i"))(
-        jnp.asarray(w), jnp.asarray(ln)
-    )
-    want = ref_norm([w, ln] if mark else [w, *[ln] * 4], p)
+    f = jax.jit(jax.vmap(norm, in_axes=(0, None, None), axis_name="i"))
+    got = f(jnp.asarray(w), jnp.asarray(ln), jnp.asarray(ln2))
+    want = ref_norm([w, ln, ln2] if mark else [w, *[ln, ln2] * 4], p)
     np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL)
+
+
+@pytest.mark.parametrize("p", S.ORDS)
+def test_two_axes_leaf_replicated_over_one(p: float) -> None:
+    """Axes i (3) x j (2): w split over both, b split over i and the same along j
+    (marked "j" by a function of the path), c the same everywhere."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    b = rng.standard_normal((3, 5)).astype(np.float32)
+    c = rng.standard_normal(6).astype(np.float32)
+    marks = {"grads[0]": False, "grads[1]": frozenset({"j"}), "grads[2]": True}
+
+    def norm(w: Any, b: Any, c: Any) -> Any:
+        return gc.global_norm([w, b, c], ord=p, axis_name=("i", "j"), replicated=marks.get)
+
+    inner = jax.vmap(norm, in_axes=(0, None, None), axis_name="j")
+    f = jax.jit(jax.vmap(inner, in_axes=(0, 0, None), axis_name="i"))
+    got = np.asarray(f(jnp.asarray(w), jnp.asarray(b), jnp.asarray(c)))
+    assert got.shape == (3, 2)
+    np.testing.assert_allclose(got, ref_norm([w, b, c], p), rtol=RTOL)
 
 
 def test_axis_name_errors() -> None:

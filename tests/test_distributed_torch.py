@@ -25,6 +25,8 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import _dist_torch_worker as W  # noqa: E402
 
+pytestmark = pytest.mark.timeout(240)  # a hang anywhere (a collective) fails, never blocks
+
 SPAWN_TIMEOUT_S = 90  # per world size; 4 processes importing torch on 2 busy cores: ~15 s
 RTOL = 1e-6
 
