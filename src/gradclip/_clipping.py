@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _backends, _checks, _compat, _norms, _tree
+from . import _backends, _checks, _compat, _distributed, _norms, _tree
 
 __all__ = [
     "clip_by_global_norm",
@@ -44,6 +44,9 @@ def clip_by_global_norm(
     ord: float = 2,
     eps: float = 0.0,
     nonfinite: str = "propagate",
+    process_group: Any = None,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> tuple[Any, Any]:
     """Scale every leaf by ``min(1, max_norm / (norm + eps))``; return it and the norm.
 
@@ -70,6 +73,9 @@ def clip_by_global_norm(
         (torch's behaviour), raise ``FloatingPointError`` (reads the norm on the
         host, so it is an error under ``jax.jit`` or on Dask arrays), or make every
         leaf zero (decided on the device).
+    process_group, axis_name, replicated : optional
+        For gradients sharded over processes or devices: as in :func:`global_norm`;
+        every rank gets the same global norm and scale.
 
     Returns
     -------
@@ -100,7 +106,9 @@ def clip_by_global_norm(
     array([0.4045, 0.809 , 1.2136, 1.6181, 2.0226])
     """
     tree, p, max_norm, nonfinite = _prepare(grads, max_norm, ord, eps, nonfinite, inplace=False)
-    norm = _norms.tree_norm(tree, p)
+    norm = _distributed.tree_norm(
+        tree, p, process_group=process_group, axis_name=axis_name, replicated=replicated
+    )
     scale = _scale(tree, norm, max_norm, eps, nonfinite)
     return tree.unflatten(_apply(tree, scale, norm, nonfinite, inplace=False)), norm
 
@@ -113,12 +121,16 @@ def clip_by_global_norm_(
     ord: float = 2,
     eps: float = 0.0,
     nonfinite: str = "propagate",
+    process_group: Any = None,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> Any:
     """:func:`clip_by_global_norm` in place, for writable arrays; returns the norm.
 
-    Works on NumPy, CuPy and PyTorch arrays (views and non-contiguous arrays too).
-    Every leaf is checked before any is written, so on any error no leaf has
-    changed.
+    Works on NumPy, CuPy and PyTorch arrays (views and non-contiguous arrays too)
+    and DTensors (FSDP2 gradients). The keyword options are those of
+    :func:`clip_by_global_norm`. Every leaf is checked before any is written, so on
+    any error no leaf has changed.
 
     Raises
     ------
@@ -137,7 +149,9 @@ def clip_by_global_norm_(
     (array([0.6, 0. ]), array([0.8]))
     """
     tree, p, max_norm, nonfinite = _prepare(grads, max_norm, ord, eps, nonfinite, inplace=True)
-    norm = _norms.tree_norm(tree, p)
+    norm = _distributed.tree_norm(
+        tree, p, process_group=process_group, axis_name=axis_name, replicated=replicated
+    )
     scale = _scale(tree, norm, max_norm, eps, nonfinite)
     _apply(tree, scale, norm, nonfinite, inplace=True)
     return norm

@@ -20,13 +20,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import _backends, _checks, _tree
+from . import _backends, _checks, _distributed, _tree
 from ._compat import as_array, is_cupy_array, is_torch_array, to_device
 
 __all__ = ["global_norm", "leaf_norms", "tree_norm"]
 
 
-def global_norm(grads: Any, /, *, ord: float = 2) -> Any:
+def global_norm(
+    grads: Any,
+    /,
+    *,
+    ord: float = 2,
+    process_group: Any = None,
+    axis_name: Any = None,
+    replicated: Any = None,
+) -> Any:
     """The norm of all leaves' elements taken as one vector.
 
     Equal to torch's norm of per-tensor norms and to optax's ``global_norm``, but
@@ -40,6 +48,17 @@ def global_norm(grads: Any, /, *, ord: float = 2) -> Any:
         JAX arrays) of arrays from one library; ``None`` leaves are skipped.
     ord : float, optional
         Any real ``p > 0`` or ``math.inf`` (default 2, the Euclidean norm).
+    process_group : torch ProcessGroup, list of groups or DeviceMesh, optional
+        The norm over the shards that every rank of the group(s) holds: each rank's
+        share is all-reduced, so each shard counts once (see ``docs/distributed.md``).
+        DTensor (FSDP2) leaves are reduced over their own mesh without it.
+    axis_name : str or tuple of str, optional
+        For JAX inside ``shard_map`` or ``pmap``: the axes the leaves are sharded over.
+    replicated : tree of markers or callable, optional
+        Which leaves hold the same values on several ranks and count once: a tree
+        like ``grads`` (or a prefix of it) or a function of each leaf's path, giving
+        ``True`` (the same on every rank), ``False``/``None`` (a shard, the default)
+        or the group(s)/axis name(s) a leaf is replicated over (tied embeddings).
 
     Returns
     -------
@@ -63,7 +82,13 @@ def global_norm(grads: Any, /, *, ord: float = 2) -> Any:
     5.000000...e+30
     """
     p = _checks.check_ord(ord)
-    return tree_norm(_tree.flatten(grads), p)
+    return _distributed.tree_norm(
+        _tree.flatten(grads),
+        p,
+        process_group=process_group,
+        axis_name=axis_name,
+        replicated=replicated,
+    )
 
 
 def tree_norm(tree: _tree.Tree, p: float) -> Any:
