@@ -51,10 +51,8 @@ def train(args, clip: bool) -> Run:
         opt.zero_grad()
         loss.backward()
         grads = [p.grad for p in params]
-        if clip:  # scales every .grad in place, returns the norm before clipping
-            norm = gc.clip_by_global_norm_(grads, args.max_norm)
-        else:
-            norm = gc.global_norm(grads)
+        # clipping scales every .grad in place and returns the norm before clipping
+        norm = gc.clip_by_global_norm_(grads, args.max_norm) if clip else gc.global_norm(grads)
         opt.step()
         if not run.record(loss.item(), norm.item()):
             break

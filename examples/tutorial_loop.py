@@ -23,11 +23,10 @@ import sys
 from pathlib import Path
 
 import torch
-
 from gradclip.torch import clip_grad_norm_
 
 
-def train(steps: int, seed: int, clip_grad_norm_, every: int) -> dict:
+def train(steps: int, seed: int, clip_grad_norm_, every: int, label: str) -> dict:
     torch.manual_seed(seed)
 
     # the model and the loss
@@ -60,7 +59,10 @@ def train(steps: int, seed: int, clip_grad_norm_, every: int) -> dict:
         losses.append(loss.item())
         norms.append(norm.item())
         if (i + 1) % every == 0 or i + 1 == steps:
-            print(f"step {i + 1}/{steps}  loss {losses[-1]:.4f}  norm {norms[-1]:.4f}", file=sys.stderr)
+            print(
+                f"[{label}] step {i + 1}/{steps}  loss {losses[-1]:.4f}  norm {norms[-1]:.4f}",
+                file=sys.stderr,
+            )
     weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return {"losses": losses, "norms": norms, "weights": weights.tolist()}
 
@@ -73,15 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--every", type=int, default=25, help="progress line every N steps")
     args = p.parse_args(argv)
 
-    ours = train(args.steps, args.seed, clip_grad_norm_, args.every)
-    theirs = train(args.steps, args.seed, torch.nn.utils.clip_grad_norm_, args.steps)
+    ours = train(args.steps, args.seed, clip_grad_norm_, args.every, "gradclip.torch")
+    theirs = train(args.steps, args.seed, torch.nn.utils.clip_grad_norm_, args.every, "torch")
 
     def max_rel(a: list[float], b: list[float]) -> float:
         return max(abs(u - v) / max(abs(v), 1e-30) for u, v in zip(a, b))
 
     clipped = sum(n > 1 for n in ours["norms"])
     print(f"{clipped} of {args.steps} steps had a norm above max_norm=1 and were clipped")
-    print(f"largest relative difference to torch.nn.utils.clip_grad_norm_:")
+    print("largest relative difference to torch.nn.utils.clip_grad_norm_:")
     print(f"  pre-clip norms {max_rel(ours['norms'], theirs['norms']):.2e}")
     print(f"  final weights  {max_rel(ours['weights'], theirs['weights']):.2e}")
     result = {"gradclip": ours, "torch": theirs}

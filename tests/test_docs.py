@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\n]*)$")
 
 
@@ -56,8 +56,12 @@ def python_blocks(text: str) -> list[Block]:
         ):
             end += 1
         if info and info[0] in ("python", "py", "{.python}"):
-            body = [ln[len(indent) :] if ln.startswith(indent) else ln for ln in lines[i + 1 : end]]
-            blocks.append(Block(len(blocks) + 1, i + 2, "\n".join(body) + "\n", "notest" not in info))
+            body = [
+                ln[len(indent) :] if ln.startswith(indent) else ln for ln in lines[i + 1 : end]
+            ]
+            blocks.append(
+                Block(len(blocks) + 1, i + 2, "\n".join(body) + "\n", "notest" not in info)
+            )
         i = end + 1
     return blocks
 
@@ -110,9 +114,9 @@ def test_site_builds_strict(tmp_path):
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
     site = tmp_path / "site"
+    config = ROOT / "mkdocs.yml"
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q"]
-        + ["-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", config, "-d", site],
         capture_output=True,
         text=True,
         env=_env(),
@@ -163,9 +167,9 @@ def test_page_code_runs(page, tmp_path):
 
 
 def test_docstring_examples(tmp_path):
+    args = ["-q", "-p", "no:cacheprovider", "--doctest-modules", "--rootdir", ROOT]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--doctest-modules"]
-        + [str(ROOT / "src" / "gradclip"), "--rootdir", str(ROOT)],
+        [sys.executable, "-m", "pytest", *args, ROOT / "src" / "gradclip"],
         capture_output=True,
         text=True,
         env=_env(),

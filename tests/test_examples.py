@@ -32,7 +32,9 @@ BASELINE = 1 / 6
 
 def run_example(name: str, out: Path, *args: str) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
+    )
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--out", str(out), *args],
         capture_output=True,
@@ -61,7 +63,8 @@ def test_exploding_rnn(framework, tmp_path):
     result = run_example(name, tmp_path / "out", "--steps", "600", "--every", "200")
     free, clipped = result["runs"]["unclipped"], result["runs"]["clipped"]
 
-    assert free["blew_up_at"] is not None and free["blew_up_at"] <= 100, free["blew_up_at"]
+    assert free["blew_up_at"] is not None, "the unclipped run did not blow up"
+    assert free["blew_up_at"] <= 100, free["blew_up_at"]
     assert free["losses"][-1] is None or not np.isfinite(free["losses"][-1])
     assert free["max_finite_norm"] > 1e6 * free["first_norm"], "the norm did not explode"
 
@@ -101,4 +104,4 @@ def test_tutorial_loop(tmp_path):
     assert sum(n > 1 for n in theirs["norms"]) >= 10, "clipping was rarely active"
     np.testing.assert_allclose(ours["norms"], theirs["norms"], rtol=1e-5)
     np.testing.assert_allclose(ours["losses"], theirs["losses"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(ours["weights"], theirs["weights"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ours["weights"], theirs["weights"], rtol=1e-5, atol=1e-6)
