@@ -97,14 +97,21 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
-def _env() -> dict[str, str]:
+def _python(*args: object, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh interpreter that imports this checkout's gradclip."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
     )
     env["NO_MKDOCS_2_WARNING"] = "1"
-    env.setdefault("PYTHONHASHSEED", "0")
-    return env
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 # -- the site ---------------------------------------------------------------------------
@@ -115,14 +122,7 @@ def test_site_builds_strict(tmp_path):
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
     site = tmp_path / "site"
     config = ROOT / "mkdocs.yml"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-f", config, "-d", site],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = _python("-m", "mkdocs", "build", "--strict", "-q", "-f", config, "-d", site)
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     api = (site / "api.html").read_text(encoding="utf-8")
     for name in ("global_norm", "clip_by_global_norm_", "clip_by_norm", "clip_by_value"):
@@ -151,14 +151,7 @@ def test_page_code_runs(page, tmp_path):
     blocks = [b for b in python_blocks(page.read_text(encoding="utf-8")) if b.run]
     if not blocks:
         pytest.skip(f"{_rel(page)} has no runnable python blocks")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(page)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=tmp_path,  # a page that writes files writes them here
-        timeout=300,
-    )
+    proc = _python(__file__, page, cwd=tmp_path)  # a page that writes files writes them there
     if proc.returncode != 0:
         pytest.fail(proc.stderr[-6000:], pytrace=False)
 
@@ -168,14 +161,7 @@ def test_page_code_runs(page, tmp_path):
 
 def test_docstring_examples(tmp_path):
     args = ["-q", "-p", "no:cacheprovider", "--doctest-modules", "--rootdir", ROOT]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", *args, ROOT / "src" / "gradclip"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = _python("-m", "pytest", *args, ROOT / "src" / "gradclip", cwd=tmp_path)
     assert proc.returncode == 0, f"docstring examples fail:\n{proc.stdout[-6000:]}"
     assert " passed" in proc.stdout, proc.stdout
 
@@ -191,13 +177,7 @@ def test_readme_links_exist():
 
 
 def test_cli_help_names_the_commands():
-    proc = subprocess.run(
-        [sys.executable, "-m", "gradclip", "--help"],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    proc = _python("-m", "gradclip", "--help")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for word in ("usage: python -m gradclip", "demo", "make test", "docs/index.md"):
