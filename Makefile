@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 DEPS := pyproject.toml constraints.txt
 LINTED := $(wildcard src tests benchmarks examples)
 
-.PHONY: demo test lint format docs bench clean
+.PHONY: demo test lint format docs examples bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(VENV)/.test-installed: $(DEPS) | $(BIN)/python
 	$(PIP) -e '.[test]'
 	touch $@
 
+$(VENV)/.docs-installed: $(DEPS) | $(BIN)/python
+	$(PIP) -e '.[docs]'
+	touch $@
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/python -m gradclip
 
@@ -29,6 +33,18 @@ test: $(VENV)/.test-installed
 	$(BIN)/python -m ruff check $(LINTED)
 	$(BIN)/python -m ruff format --check $(LINTED)
 	$(BIN)/python -m pytest
+
+# The documentation site, into site/ (strict: a warning is an error).
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
+# Every example, full length, into examples/out/; the plots shown in docs/ are copied.
+examples: $(VENV)/.test-installed
+	$(BIN)/python examples/tutorial_loop.py --out examples/out
+	$(BIN)/python examples/numpy_loop.py --out examples/out
+	$(BIN)/python examples/exploding_rnn_torch.py --out examples/out
+	$(BIN)/python examples/exploding_rnn_jax.py --out examples/out
+	cp examples/out/exploding_rnn_torch.png examples/out/exploding_rnn_jax.png docs/img/
 
 lint: $(VENV)/.test-installed
 	$(BIN)/python -m ruff check $(LINTED)

@@ -140,17 +140,48 @@ def demo(out: Any = None) -> int:
     return 1 if failures else 0
 
 
+DESCRIPTION = """\
+gradclip: exact, fast gradient clipping for any Python Array API library
+(NumPy, CuPy, PyTorch, JAX, Dask, array-api-strict); the library is picked from
+the arrays you pass in.
+
+With no command, runs `demo`: the tutorial's example, [1, 2, 3, 4, 5] clipped to
+global norm 3, on every installed backend and device, checked against a float64
+reference (exit status 1 if any backend disagrees)."""
+
+EPILOG = """\
+in Python:
+  import gradclip as gc
+  clipped, norm = gc.clip_by_global_norm(grads, max_norm=1.0)   # any array tree
+  norm = gc.clip_by_global_norm_(grads, max_norm=1.0)           # in place
+
+next steps:
+  make test                        the whole test suite (what CI runs)
+  make docs                        the documentation site, into site/
+  python examples/exploding_rnn_torch.py --out examples/out
+                                   an RNN that blows up without clipping
+  docs/index.md                    quick start; docs/api.md: the API reference"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``python -m gradclip [COMMAND]`` (also installed as ``gradclip``)."""
+    import gradclip
+
     parser = argparse.ArgumentParser(
         prog="python -m gradclip",
-        description=(
-            "gradclip: exact, fast gradient clipping for any Array API library. "
-            "With no command, runs the tutorial's example ([1, 2, 3, 4, 5] clipped to "
-            "global norm 3) on every installed backend and checks that they agree."
-        ),
+        usage="%(prog)s [-h] [--version] [COMMAND] [options]",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("demo", help="the tutorial's example on every backend (the default)")
+    parser.add_argument("--version", action="version", version=f"gradclip {gradclip.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.add_parser(
+        "demo",
+        help="the tutorial's example on every installed backend (the default)",
+        description="Clip [1, 2, 3, 4, 5] to global norm 3 with every installed array "
+        "library and device, print the results and check them against float64.",
+    )
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         return demo()
