@@ -586,3 +586,18 @@ def test_hook_rejects_bad_options():
         gct.clip_before_step(opt, 1.0, norm_type=0)
     with pytest.raises(ValueError, match="nonfinite"):
         gct.clip_before_step(opt, 1.0, nonfinite="skip")
+    with pytest.raises(TypeError, match="max_norm"):
+        gct.clip_before_step(opt, "1.0")
+
+
+def test_hook_with_a_tensor_threshold_and_two_param_groups():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    unused = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a, unused]}, {"params": [b], "lr": 2.0}], lr=1.0)
+    h = gct.clip_before_step(opt, torch.tensor(1.0, dtype=torch.float64))
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.tensor([-0.6]))
+    torch.testing.assert_close(b.detach(), torch.tensor([-1.6]))
+    assert float(h.last_norm) == pytest.approx(5.0)
+    assert h.last_threshold.dtype == torch.float32  # the norm's dtype

@@ -121,8 +121,10 @@ def clip_grad_norm_(
             )
     max_norm = _checks.check_nonneg(max_norm, "max_norm")  # before anything is computed
     grads = _grads(parameters)
-    norm = _total_norm(grads, norm_type, error_if_nonfinite, foreach, process_group)
-    _scale_grads(grads, max_norm, norm, foreach)
+    tree = _inplace_tree(grads) if grads else None
+    norm = _total_norm(tree, norm_type, error_if_nonfinite, foreach, process_group)
+    if tree is not None:
+        _scale_tree(tree, max_norm, norm, foreach)
     return norm
 
 
@@ -147,7 +149,8 @@ def get_total_norm(
     tensor(5.0000e+30)
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    return _total_norm(tensors, norm_type, error_if_nonfinite, foreach, process_group)
+    tree = _tree.flatten(tensors, "tensors") if tensors else None
+    return _total_norm(tree, norm_type, error_if_nonfinite, foreach, process_group)
 
 
 def clip_grads_with_norm_(
@@ -173,7 +176,9 @@ def clip_grads_with_norm_(
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
     total_norm = _checks.check_nonneg(total_norm, "total_norm")
-    _scale_grads(_grads(parameters), max_norm, total_norm, foreach)
+    grads = _grads(parameters)
+    if grads:
+        _scale_tree(_inplace_tree(grads), max_norm, total_norm, foreach)
 
 
 def clip_grad_value_(
@@ -208,8 +213,8 @@ def clip_grad_value_(
         groups = _group_tensors_by_device_and_dtype([tree.leaves])
         for (device, dtype), ([group], _) in groups.items():
             if dtype.is_complex:  # the core's rule: scale each element's magnitude
-                out = _clipping.clip_by_value(group, c)
-                torch._foreach_copy_(group, out)
+                for g, clipped in zip(group, _clipping.clip_by_value(group, c)):
+                    g.copy_(clipped)
             elif (
                 foreach is not False
                 and isinstance(c, float)
@@ -262,10 +267,9 @@ class ClipHandle:
         nonfinite: str,
     ) -> None:
         self.optimizer = optimizer
-        self.clipper = max_norm if hasattr(max_norm, "threshold") else None
-        self.max_norm = (
-            None if self.clipper is not None else _checks.check_nonneg(max_norm, "max_norm")
-        )
+        stateful = hasattr(max_norm, "init") and hasattr(max_norm, "threshold")
+        self.clipper = max_norm if stateful else None
+        self.max_norm = None if stateful else _checks.check_nonneg(max_norm, "max_norm")
         self.p, self.eps, self.nonfinite = p, eps, nonfinite
         self.state: Any = None
         self.last_norm: torch.Tensor | None = None
@@ -286,6 +290,7 @@ class ClipHandle:
             norm = _norms.tree_norm(tree, self.p)
             if self.clipper is None:
                 limit = _checks.scalar_or_array(tree.xp, self.max_norm, norm.dtype, norm.device)
+                limit = _on(limit, norm.device)
             else:
                 if self.state is None:
                     self.state = self.clipper.init(torch.zeros_like(norm))
@@ -363,6 +368,11 @@ def _inplace_tree(grads: list[torch.Tensor]) -> _tree.Tree:
     return _clipping._prepare(grads, 0.0, 2, 0.0, "propagate", inplace=True)[0]
 
 
+def _on(x: Any, device: torch.device) -> Any:
+    """A tensor threshold moved to ``device`` (the core casts it, but keeps its device)."""
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
 def _check_foreach(tensors: list[torch.Tensor], foreach: bool | None) -> None:
     if foreach:
         for device in dict.fromkeys(t.device for t in tensors):
@@ -380,24 +390,24 @@ def _mode(tensors: list[torch.Tensor], foreach: bool | None) -> Any:
 
 
 def _total_norm(
-    tensors: list[torch.Tensor],
+    tree: _tree.Tree | None,
     norm_type: Any,
     error_if_nonfinite: bool,
     foreach: bool | None,
     process_group: Any,
 ) -> torch.Tensor:
+    """The norm of a flattened tree of tensors (``None``: no tensors), as torch's."""
     p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
-    if not tensors:
+    if tree is None:
         return torch.tensor(0.0)
-    with torch.no_grad(), _mode(tensors, foreach):
+    with torch.no_grad(), _mode(tree.leaves, foreach):
         if p > 0:
-            tree = _tree.flatten(tensors, "tensors")
             kw = {} if process_group is None else {"process_group": process_group}
             norm = _norms.tree_norm(tree, p, **kw)
         elif process_group is not None:
             raise ValueError(f"norm_type must be > 0 with a process_group, got {norm_type!r}")
         else:  # 0, negative, -inf, NaN: not norms; torch's own definition
-            norm = torch.nn.utils.get_total_norm(tensors, p, False, foreach)
+            norm = torch.nn.utils.get_total_norm(tree.leaves, p, False, foreach)
     if error_if_nonfinite and not bool(torch.isfinite(norm)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, "
@@ -407,19 +417,14 @@ def _total_norm(
     return norm
 
 
-def _scale_grads(
-    grads: list[torch.Tensor], max_norm: Any, norm: Any, foreach: bool | None
-) -> None:
+def _scale_tree(tree: _tree.Tree, max_norm: Any, norm: Any, foreach: bool | None) -> None:
     """Multiply every gradient by ``min(1, max_norm / (norm + 1e-6))``, in place."""
-    if not grads:
-        return
-    tree = _inplace_tree(grads)
     if isinstance(norm, torch.Tensor):
         if norm.dtype in (torch.float16, torch.bfloat16):
             norm = norm.float()
         norm = norm.to(tree.device)
     else:
         norm = torch.tensor(norm, dtype=tree.acc_dtype, device=tree.device)
-    with torch.no_grad(), _mode(grads, foreach):
-        scale = _clipping._scale(tree, norm, max_norm, EPS, "propagate")
+    with torch.no_grad(), _mode(tree.leaves, foreach):
+        scale = _clipping._scale(tree, norm, _on(max_norm, tree.device), EPS, "propagate")
         _clipping._apply(tree, scale, norm, "propagate", inplace=True)
