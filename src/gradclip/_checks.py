@@ -52,7 +52,7 @@ def scalar_or_array(xp: Any, value: Any, dtype: Any, device: Any) -> Any:
     if isinstance(value, numbers.Real):
         # full() fills on the device; asarray would copy from the host, which a CUDA
         # graph capture forbids
-        return xp.full((), value, dtype=dtype, device=device)
+        return xp.full((), float(value), dtype=dtype, device=device)
     if _compat.array_namespace(value) is not xp:
         # A 0-d array from another library (a NumPy scalar with torch grads, say):
         # it lives on the host, so reading it is not a device read-back.
