@@ -9,13 +9,14 @@ returns ``None`` when no fast path applies (or fast paths are switched off with
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["enabled", "fast_paths", "global_norm_impl", "scale_impl"]
 
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("gradclip_fast", default=True)
+# Per thread; not a ContextVar, whose get/set torch.compile cannot trace (graph breaks).
+_STATE = threading.local()
 
 
 @contextlib.contextmanager
@@ -26,15 +27,16 @@ def fast_paths(on: bool) -> Iterator[None]:
     every fast path must agree with (and what ``foreach=False`` selects in
     :mod:`gradclip.torch`).
     """
-    token = _ENABLED.set(on)
+    old = enabled()
+    _STATE.on = on
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _STATE.on = old
 
 
 def enabled() -> bool:
-    return _ENABLED.get()
+    return getattr(_STATE, "on", True)
 
 
 def global_norm_impl(tree: Any) -> Any:

@@ -50,7 +50,9 @@ def check_nonfinite(nonfinite: Any) -> str:
 def scalar_or_array(xp: Any, value: Any, dtype: Any, device: Any) -> Any:
     """``value`` (a Python number or a 0-d array) as a 0-d array of ``dtype`` on ``device``."""
     if isinstance(value, numbers.Real):
-        return xp.asarray(value, dtype=dtype, device=device)
+        # full() fills on the device; asarray would copy from the host, which a CUDA
+        # graph capture forbids
+        return xp.full((), float(value), dtype=dtype, device=device)
     if _compat.array_namespace(value) is not xp:
         # A 0-d array from another library (a NumPy scalar with torch grads, say):
         # it lives on the host, so reading it is not a device read-back.

@@ -73,11 +73,7 @@ def is_lazy(x: Any) -> bool:
         return isinstance(x, sys.modules["jax"].core.Tracer)
     if _aac.is_lazy_array(x):
         return True
-    if is_torch_array(x):
-        dynamo = sys.modules.get("torch._dynamo")
-        if dynamo is not None and dynamo.is_compiling():
-            return True
-    return False
+    return is_torch_array(x) and _torch_compiling()
 
 
 def writable_problem(x: Any) -> str | None:
@@ -91,11 +87,18 @@ def writable_problem(x: Any) -> str | None:
     if is_torch_array(x):
         if x.requires_grad and x.is_leaf:
             return "the tensor is a leaf that requires grad"
-        if x.is_inference() and not _torch_inference_mode():
+        # torch.compile cannot trace is_inference(); a compiled graph fails on its own
+        if not _torch_compiling() and x.is_inference() and not _torch_inference_mode():
             return "the tensor is an inference tensor"
     if not _aac.is_writeable_array(x):
         return f"{library_name(x)} arrays are not writable"
     return None
+
+
+def _torch_compiling() -> bool:
+    """True while ``torch.compile`` traces the calling code."""
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and dynamo.is_compiling()
 
 
 def _torch_inference_mode() -> bool:

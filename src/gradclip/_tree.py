@@ -43,7 +43,7 @@ class Tree:
 
 
 def _size(x: Any) -> int:
-    return math.prod(int(s) for s in x.shape) if x.shape else 1
+    return math.prod([int(s) for s in x.shape]) if x.shape else 1
 
 
 def dtype_kind(xp: Any, dt: Any) -> str:

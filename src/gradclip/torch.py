@@ -1,0 +1,430 @@
+"""Drop-ins for ``torch.nn.utils``' gradient clipping, and an optimizer hook.
+
+Change one import and a training run follows the same trajectory::
+
+    from gradclip.torch import clip_grad_norm_   # was: from torch.nn.utils import ...
+
+:func:`clip_grad_norm_`, :func:`clip_grad_value_`, :func:`get_total_norm` and
+:func:`clip_grads_with_norm_` keep torch 2.13's signatures and results (a lone
+tensor or any iterable of parameters, parameters without ``.grad`` skipped,
+``eps = 1e-6``, the norm returned as a tensor, ``foreach``), with this library's
+numerics: float16/bfloat16 gradients give a float32-accurate norm, and finite
+gradients never overflow it (float32 gradients of 1e30 are clipped, not zeroed).
+The clipping rule is Pascanu, Mikolov and Bengio's, "On the difficulty of training
+recurrent neural networks", ICML 2013 (arXiv:1211.5063).
+
+:func:`clip_before_step` clips before every ``optimizer.step()``, with a fixed
+threshold or a stateful clipper (AutoClip, ZClip, ...), without reading a value
+back to the host.
+
+Nothing here reads the norm on the host unless ``error_if_nonfinite=True`` (or
+``nonfinite="raise"``), so a training step that calls these functions compiles
+with ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+from collections.abc import Iterable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+    _has_foreach_support,
+)
+
+from . import _backends, _checks, _clipping, _norms, _tree
+
+__all__ = [
+    "ClipHandle",
+    "clip_before_step",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]
+
+EPS = 1e-6  # torch's: scale = min(1, max_norm / (total_norm + 1e-6))
+
+Tensors = torch.Tensor | Iterable[torch.Tensor]
+
+
+def clip_grad_norm_(
+    parameters: Tensors,
+    max_norm: float | torch.Tensor,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    process_group: Any = None,
+) -> torch.Tensor:
+    """Scale the gradients in place so that their global norm is at most ``max_norm``.
+
+    ``torch.nn.utils.clip_grad_norm_`` with float32 accumulation for low-precision
+    gradients and no overflow of finite ones. Every ``.grad`` is multiplied by
+    ``min(1, max_norm / (total_norm + 1e-6))`` (Pascanu et al., arXiv:1211.5063),
+    computed on the device: no host read-back unless ``error_if_nonfinite``.
+
+    Parameters
+    ----------
+    parameters : Tensor or iterable of Tensor
+        A lone tensor, a list or a generator (``model.parameters()``); tensors whose
+        ``.grad`` is ``None`` are skipped.
+    max_norm : float or 0-d Tensor
+        The threshold, ``>= 0`` (a negative or NaN number is a ``ValueError``,
+        where torch would flip the gradients' signs). A tensor stays on the device.
+    norm_type : float or str, optional
+        The ``p`` of the p-norm: any real ``p > 0`` or ``inf`` (``"inf"`` too, as
+        ``float()`` reads it). Orders torch also accepts that are not norms
+        (``0``, negative, ``-inf``) use torch's own definition.
+    error_if_nonfinite : bool, optional
+        Raise ``RuntimeError`` (as torch) when the norm is NaN or inf, before any
+        gradient is changed. Reads the norm on the host.
+    foreach : bool or None, optional
+        ``None``: the fastest path available (grouped ``torch._foreach_*`` kernels
+        per device and dtype). ``False``: the pure Array API core, tensor by tensor.
+        ``True``: like ``None``, but a ``RuntimeError`` (as torch) for tensors on a
+        device without foreach kernels.
+    process_group : optional, keyword-only
+        Passed to the core's norm so the norm covers every rank's gradients.
+
+    Returns
+    -------
+    Tensor
+        The total norm before clipping, a 0-d tensor on the first gradient's device:
+        float32 for float16/bfloat16/float32 gradients, float64 when any is float64.
+        ``tensor(0.)`` when no parameter has a gradient.
+
+    Examples
+    --------
+    >>> import torch, gradclip.torch as gct
+    >>> w = torch.nn.Parameter(torch.zeros(2))
+    >>> w.grad = torch.tensor([3.0, 4.0])
+    >>> gct.clip_grad_norm_([w], max_norm=1.0)
+    tensor(5.)
+    >>> w.grad
+    tensor([0.6000, 0.8000])
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    else:
+        generator = isinstance(parameters, types.GeneratorType)
+        parameters = list(parameters)  # a generator is read once, for both steps
+        if generator and not parameters:
+            warnings.warn(
+                "`parameters` is an empty generator, no gradient clipping will occur.",
+                stacklevel=2,
+            )
+    max_norm = _checks.check_nonneg(max_norm, "max_norm")  # before anything is computed
+    grads = _grads(parameters)
+    tree = _inplace_tree(grads) if grads else None
+    norm = _total_norm(tree, norm_type, error_if_nonfinite, foreach, process_group)
+    if tree is not None:
+        _scale_tree(tree, max_norm, norm, foreach)
+    return norm
+
+
+def get_total_norm(
+    tensors: Tensors,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    process_group: Any = None,
+) -> torch.Tensor:
+    """The norm of all ``tensors`` taken as one vector (``torch.nn.utils.get_total_norm``).
+
+    Accumulated in float32 for float16/bfloat16/float32 tensors (float64 when any
+    is float64) and free of overflow for finite values. Arguments as in
+    :func:`clip_grad_norm_`, but ``tensors`` are the gradients themselves.
+
+    Examples
+    --------
+    >>> import torch, gradclip.torch as gct
+    >>> gct.get_total_norm([torch.tensor([3e30, 4e30])])  # torch: inf
+    tensor(5.0000e+30)
+    """
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    tree = _tree.flatten(tensors, "tensors") if tensors else None
+    return _total_norm(tree, norm_type, error_if_nonfinite, foreach, process_group)
+
+
+def clip_grads_with_norm_(
+    parameters: Tensors,
+    max_norm: float | torch.Tensor,
+    total_norm: float | torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """Scale the gradients in place by ``min(1, max_norm / (total_norm + 1e-6))``.
+
+    ``torch.nn.utils.clip_grads_with_norm_``: the second half of
+    :func:`clip_grad_norm_`, for a norm computed (or all-reduced) by the caller.
+
+    Examples
+    --------
+    >>> import torch, gradclip.torch as gct
+    >>> w = torch.nn.Parameter(torch.zeros(2))
+    >>> w.grad = torch.tensor([3.0, 4.0])
+    >>> gct.clip_grads_with_norm_([w], 1.0, gct.get_total_norm([w.grad]))
+    >>> w.grad
+    tensor([0.6000, 0.8000])
+    """
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    max_norm = _checks.check_nonneg(max_norm, "max_norm")
+    total_norm = _checks.check_nonneg(total_norm, "total_norm")
+    grads = _grads(parameters)
+    if grads:
+        _scale_tree(_inplace_tree(grads), max_norm, total_norm, foreach)
+
+
+def clip_grad_value_(
+    parameters: Tensors,
+    clip_value: float | torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """Clip every gradient element to ``[-clip_value, clip_value]`` in place.
+
+    ``torch.nn.utils.clip_grad_value_``; a negative ``clip_value`` is a
+    ``ValueError`` (torch would set every element to it), a 0-d tensor stays on the
+    device, and complex gradients have their magnitude clipped, keeping the phase.
+
+    Examples
+    --------
+    >>> import torch, gradclip.torch as gct
+    >>> w = torch.nn.Parameter(torch.zeros(3))
+    >>> w.grad = torch.tensor([-3.0, 0.5, 2.0])
+    >>> gct.clip_grad_value_(w, 1.0)
+    >>> w.grad
+    tensor([-1.0000,  0.5000,  1.0000])
+    """
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    c = _checks.check_nonneg(clip_value, "clip_value")
+    c = c if isinstance(c, torch.Tensor) else float(c)
+    grads = _grads(parameters)
+    if not grads:
+        return
+    tree = _inplace_tree(grads)
+    _check_foreach(grads, foreach)
+    with torch.no_grad():
+        groups = _group_tensors_by_device_and_dtype([tree.leaves])
+        for (device, dtype), ([group], _) in groups.items():
+            if dtype.is_complex:  # the core's rule: scale each element's magnitude
+                for g, clipped in zip(group, _clipping.clip_by_value(group, c)):
+                    g.copy_(clipped)
+            elif (
+                foreach is not False
+                and isinstance(c, float)
+                and _has_foreach_support(group, device)
+            ):
+                torch._foreach_clamp_min_(group, -c)
+                torch._foreach_clamp_max_(group, c)
+            else:
+                cd = c if isinstance(c, float) else c.to(device=device, dtype=dtype)
+                for g in group:
+                    g.clamp_(-cd, cd)
+
+
+# -- an optimizer hook ---------------------------------------------------------------
+
+
+class _Clipper(Protocol):
+    """A stateful threshold: ``init(like) -> state``; ``threshold(state, norm) ->
+    (max_norm, state)``, pure, with no host reads (AutoClip, ZClip, quantiles)."""
+
+    def init(self, like: torch.Tensor) -> NamedTuple: ...
+
+    def threshold(
+        self, state: NamedTuple, norm: torch.Tensor
+    ) -> tuple[torch.Tensor, NamedTuple]: ...
+
+
+class ClipHandle:
+    """What :func:`clip_before_step` returns: the last step's values, and ``remove()``.
+
+    Attributes
+    ----------
+    last_norm, last_threshold : Tensor or None
+        The pre-clip global norm and the threshold of the last step (0-d tensors on
+        the gradients' device, never read to the host); ``None`` before the first.
+    last_clipped : Tensor or None
+        A 0-d bool tensor: whether the last step's gradients were changed
+        (scaled down, or zeroed or made NaN by a non-finite norm).
+    state : NamedTuple or None
+        A stateful clipper's state (``None`` for a fixed threshold, and before the
+        first step).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_norm: float | torch.Tensor | _Clipper,
+        p: float,
+        eps: float,
+        nonfinite: str,
+    ) -> None:
+        self.optimizer = optimizer
+        stateful = hasattr(max_norm, "init") and hasattr(max_norm, "threshold")
+        self.clipper = max_norm if stateful else None
+        self.max_norm = None if stateful else _checks.check_nonneg(max_norm, "max_norm")
+        self.p, self.eps, self.nonfinite = p, eps, nonfinite
+        self.state: Any = None
+        self.last_norm: torch.Tensor | None = None
+        self.last_threshold: torch.Tensor | None = None
+        self.last_clipped: torch.Tensor | None = None
+        self._handle = optimizer.register_step_pre_hook(self._hook)
+
+    def remove(self) -> None:
+        """Stop clipping this optimizer's steps."""
+        self._handle.remove()
+
+    def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = _grads(p for group in optimizer.param_groups for p in group["params"])
+        if not grads:
+            return
+        tree = _inplace_tree(grads)
+        with torch.no_grad():
+            norm = _norms.tree_norm(tree, self.p)
+            if self.clipper is None:
+                limit = _checks.scalar_or_array(tree.xp, self.max_norm, norm.dtype, norm.device)
+                limit = _on(limit, norm.device)
+            else:
+                if self.state is None:
+                    self.state = self.clipper.init(torch.zeros_like(norm))
+                limit, self.state = self.clipper.threshold(self.state, norm)
+            scale = _clipping._scale(tree, norm, limit, self.eps, self.nonfinite)
+            _clipping._apply(tree, scale, norm, self.nonfinite, inplace=True)
+        self.last_norm, self.last_threshold = norm, limit
+        self.last_clipped = scale != 1  # exactly 1 when kept; NaN and 0 when not finite
+
+
+def clip_before_step(
+    optimizer: torch.optim.Optimizer,
+    max_norm: float | torch.Tensor | _Clipper,
+    *,
+    norm_type: float = 2.0,
+    eps: float = EPS,
+    nonfinite: str = "propagate",
+) -> ClipHandle:
+    """Clip the gradients by their global norm before every ``optimizer.step()``.
+
+    Registers an ``optimizer.register_step_pre_hook`` that scales every ``.grad``
+    of the optimizer's parameters by ``min(1, max_norm / (norm + eps))``
+    (Pascanu et al., arXiv:1211.5063), on the device, and keeps the norm.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+    max_norm : float, 0-d Tensor or stateful clipper
+        A fixed threshold ``>= 0``, or an object with ``init(like) -> state`` and
+        ``threshold(state, norm) -> (max_norm, state)`` (both pure, no host reads;
+        ``like`` is a 0-d zero tensor of the norm's dtype and device; a threshold of
+        ``inf`` means no clipping), called once per step with the pre-clip norm.
+    norm_type : float, optional
+        Any real ``p > 0`` or ``math.inf``.
+    eps : float, optional
+        Added to the norm; ``1e-6`` as in torch.
+    nonfinite : {"propagate", "raise", "zero"}, optional
+        For a NaN or inf norm: let it flow through (torch's behaviour), raise
+        ``FloatingPointError`` (a host read), or zero every gradient (the step
+        does nothing with SGD).
+
+    Returns
+    -------
+    ClipHandle
+        With ``last_norm``, ``last_threshold``, ``last_clipped``, ``state`` and
+        ``remove()``.
+
+    Examples
+    --------
+    >>> import torch, gradclip.torch as gct
+    >>> w = torch.nn.Parameter(torch.zeros(2))
+    >>> opt = torch.optim.SGD([w], lr=1.0)
+    >>> handle = gct.clip_before_step(opt, max_norm=1.0)
+    >>> w.grad = torch.tensor([3.0, 4.0])
+    >>> opt.step()
+    >>> w.detach(), handle.last_norm
+    (tensor([-0.6000, -0.8000]), tensor(5.))
+    >>> handle.remove()
+    """
+    p = _checks.check_ord(norm_type)
+    eps = _checks.check_nonneg(eps, "eps")
+    nonfinite = _checks.check_nonfinite(nonfinite)
+    return ClipHandle(optimizer, max_norm, p, eps, nonfinite)
+
+
+# -- shared steps ---------------------------------------------------------------------
+
+
+def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def _inplace_tree(grads: list[torch.Tensor]) -> _tree.Tree:
+    """The gradients as a flat tree, each checked writable before any is written."""
+    return _clipping._prepare(grads, 0.0, 2, 0.0, "propagate", inplace=True)[0]
+
+
+def _on(x: Any, device: torch.device) -> Any:
+    """A tensor threshold moved to ``device`` (the core casts it, but keeps its device)."""
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _check_foreach(tensors: list[torch.Tensor], foreach: bool | None) -> None:
+    if foreach:
+        for device in dict.fromkeys(t.device for t in tensors):
+            if not _device_has_foreach_support(device):
+                raise RuntimeError(
+                    f"foreach=True was passed, but can't use the foreach API on "
+                    f"{device.type} tensors"
+                )
+
+
+def _mode(tensors: list[torch.Tensor], foreach: bool | None) -> Any:
+    """The context that runs the core as ``foreach`` asks (after torch's check)."""
+    _check_foreach(tensors, foreach)
+    return _backends.fast_paths(False) if foreach is False else contextlib.nullcontext()
+
+
+def _total_norm(
+    tree: _tree.Tree | None,
+    norm_type: Any,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    process_group: Any,
+) -> torch.Tensor:
+    """The norm of a flattened tree of tensors (``None``: no tensors), as torch's."""
+    p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
+    if tree is None:
+        return torch.tensor(0.0)
+    with torch.no_grad(), _mode(tree.leaves, foreach):
+        if p > 0:
+            kw = {} if process_group is None else {"process_group": process_group}
+            norm = _norms.tree_norm(tree, p, **kw)
+        elif process_group is not None:
+            raise ValueError(f"norm_type must be > 0 with a process_group, got {norm_type!r}")
+        else:  # 0, negative, -inf, NaN: not norms; torch's own definition
+            norm = torch.nn.utils.get_total_norm(tree.leaves, p, False, foreach)
+    if error_if_nonfinite and not bool(torch.isfinite(norm)):
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients from `parameters` is non-finite, "
+            "so it cannot be clipped. To disable this error and scale the gradients by the "
+            "non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+    return norm
+
+
+def _scale_tree(tree: _tree.Tree, max_norm: Any, norm: Any, foreach: bool | None) -> None:
+    """Multiply every gradient by ``min(1, max_norm / (norm + 1e-6))``, in place."""
+    if isinstance(norm, torch.Tensor):
+        if norm.dtype in (torch.float16, torch.bfloat16):
+            norm = norm.float()
+        norm = norm.to(tree.device)
+    else:
+        norm = torch.tensor(norm, dtype=tree.acc_dtype, device=tree.device)
+    with torch.no_grad(), _mode(tree.leaves, foreach):
+        scale = _clipping._scale(tree, norm, _on(max_norm, tree.device), EPS, "propagate")
+        _clipping._apply(tree, scale, norm, "propagate", inplace=True)
