@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from gradclip.torch import clip_grad_norm_
 
 

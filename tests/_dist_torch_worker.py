@@ -117,6 +117,36 @@ def run_cases(world: int, rank: int) -> dict[str, Any]:
         )
         return {"norm": norm.item(), "clipped": {k: v.numpy() for k, v in clipped.items()}}
 
+    def torch_dropin() -> Any:
+        """gradclip.torch.clip_grad_norm_ and clip_before_step with the replicated
+        parameter given as a parameter, not a path."""
+        import gradclip.torch as gct
+
+        out = {}
+        for how in ("clip_grad_norm_", "clip_before_step"):
+            params = {
+                k: torch.nn.Parameter(torch.zeros_like(v))
+                for k, v in _plain(torch, world, rank).items()
+            }
+            for k, v in _plain(torch, world, rank).items():
+                params[k].grad = v
+            if how == "clip_grad_norm_":
+                norm = gct.clip_grad_norm_(
+                    params.values(), MAX_NORM, process_group=world_group, replicated=[params["ln"]]
+                )
+            else:
+                opt = torch.optim.SGD(params.values(), lr=0.0)
+                handle = gct.clip_before_step(
+                    opt, MAX_NORM, process_group=world_group, replicated={params["ln"]: True}
+                )
+                opt.step()
+                norm = handle.last_norm
+            out[how] = {
+                "norm": norm.item(),
+                "clipped": {k: v.grad.numpy() for k, v in params.items()},
+            }
+        return out
+
     def nonfinite() -> Any:
         res = {}
         for bad, where in ((math.nan, 1), (math.inf, 0)):
@@ -176,6 +206,7 @@ def run_cases(world: int, rank: int) -> dict[str, Any]:
     case("mesh_as_group", mesh_as_group)
     case("clip_inplace", clip_inplace)
     case("clip_functional", clip_functional)
+    case("torch_dropin", torch_dropin)
     case("nonfinite", nonfinite)
     case("overlap_error", overlap_error)
     case("dtensor_1d", dtensor_1d)

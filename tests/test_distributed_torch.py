@@ -167,6 +167,20 @@ def test_clip_scales_every_shard_by_the_global_scale(ranks: Any, name: str, p: f
         np.testing.assert_allclose(got[k], w, rtol=RTOL, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "clip_before_step"])
+def test_torch_drop_in_with_process_group(ranks: Any, how: str) -> None:
+    """gradclip.torch passes process_group and replicated (as parameters) to the core;
+    the result is torch's rule (eps=1e-6) on the full gradients."""
+    world, _ = ranks
+    res = [r[how] for r in _case(ranks, "torch_dropin")]
+    want, norm = ref_clip(_full(world, ["w", "b", "ln"]), W.MAX_NORM, 2.0, eps=1e-6)
+    got = _gathered(world, res)
+    for r in res:
+        np.testing.assert_allclose(r["norm"], norm, rtol=RTOL)
+    for k, w in zip(["w", "b", "ln"], want):
+        np.testing.assert_allclose(got[k], w, rtol=RTOL, atol=1e-7, err_msg=k)
+
+
 def test_nonfinite_on_one_rank_reaches_every_rank(ranks: Any) -> None:
     res = _case(ranks, "nonfinite")
     for r in res:

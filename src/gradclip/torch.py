@@ -37,7 +37,7 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-from . import _backends, _checks, _clipping, _norms, _tree
+from . import _backends, _checks, _clipping, _distributed, _tree
 
 __all__ = [
     "ClipHandle",
@@ -61,6 +61,7 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     process_group: Any = None,
+    replicated: Any = None,
 ) -> torch.Tensor:
     """Scale the gradients in place so that their global norm is at most ``max_norm``.
 
@@ -90,7 +91,15 @@ def clip_grad_norm_(
         ``True``: like ``None``, but a ``RuntimeError`` (as torch) for tensors on a
         device without foreach kernels.
     process_group : optional, keyword-only
-        Passed to the core's norm so the norm covers every rank's gradients.
+        A ``torch.distributed`` process group (or a list of groups, or a
+        ``DeviceMesh``) over which the gradients are sharded: the norm then covers
+        every rank's gradients, each shard counted once (see the distributed docs).
+        Every rank of the group must call with at least one gradient.
+    replicated : optional, keyword-only
+        The parameters whose gradients are the same on every rank (counted once,
+        not world-size times): an iterable of parameters, a dict mapping
+        parameters to markers (``True`` or the groups they are replicated over), or
+        a predicate on the gradient's path ``"grads[i]"``.
 
     Returns
     -------
@@ -120,9 +129,10 @@ def clip_grad_norm_(
                 stacklevel=2,
             )
     max_norm = _checks.check_nonneg(max_norm, "max_norm")  # before anything is computed
-    grads = _grads(parameters)
-    tree = _inplace_tree(grads) if grads else None
-    norm = _total_norm(tree, norm_type, error_if_nonfinite, foreach, process_group)
+    with_grad = [p for p in parameters if p.grad is not None]
+    tree = _inplace_tree([p.grad for p in with_grad]) if with_grad else None
+    dist = _dist_options(with_grad, process_group, replicated)
+    norm = _total_norm(tree, norm_type, error_if_nonfinite, foreach, dist)
     if tree is not None:
         _scale_tree(tree, max_norm, norm, foreach)
     return norm
@@ -135,6 +145,7 @@ def get_total_norm(
     foreach: bool | None = None,
     *,
     process_group: Any = None,
+    replicated: Any = None,
 ) -> torch.Tensor:
     """The norm of all ``tensors`` taken as one vector (``torch.nn.utils.get_total_norm``).
 
@@ -149,8 +160,9 @@ def get_total_norm(
     tensor(5.0000e+30)
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    tree = _tree.flatten(tensors, "tensors") if tensors else None
-    return _total_norm(tree, norm_type, error_if_nonfinite, foreach, process_group)
+    tree = _tree.flatten(tensors, "grads") if tensors else None
+    dist = _dist_options(tensors, process_group, replicated)
+    return _total_norm(tree, norm_type, error_if_nonfinite, foreach, dist)
 
 
 def clip_grads_with_norm_(
@@ -265,8 +277,11 @@ class ClipHandle:
         p: float,
         eps: float,
         nonfinite: str,
+        process_group: Any = None,
+        replicated: Any = None,
     ) -> None:
         self.optimizer = optimizer
+        self._dist = (process_group, replicated)
         stateful = hasattr(max_norm, "init") and hasattr(max_norm, "threshold")
         self.clipper = max_norm if stateful else None
         self.max_norm = None if stateful else _checks.check_nonneg(max_norm, "max_norm")
@@ -282,12 +297,13 @@ class ClipHandle:
         self._handle.remove()
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        grads = _grads(p for group in optimizer.param_groups for p in group["params"])
-        if not grads:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
             return
-        tree = _inplace_tree(grads)
+        tree = _inplace_tree([p.grad for p in with_grad])
         with torch.no_grad():
-            norm = _norms.tree_norm(tree, self.p)
+            norm = _distributed.tree_norm(tree, self.p, **_dist_options(with_grad, *self._dist))
             if self.clipper is None:
                 limit = _checks.scalar_or_array(tree.xp, self.max_norm, norm.dtype, norm.device)
                 limit = _on(limit, norm.device)
@@ -308,6 +324,8 @@ def clip_before_step(
     norm_type: float = 2.0,
     eps: float = EPS,
     nonfinite: str = "propagate",
+    process_group: Any = None,
+    replicated: Any = None,
 ) -> ClipHandle:
     """Clip the gradients by their global norm before every ``optimizer.step()``.
 
@@ -331,6 +349,8 @@ def clip_before_step(
         For a NaN or inf norm: let it flow through (torch's behaviour), raise
         ``FloatingPointError`` (a host read), or zero every gradient (the step
         does nothing with SGD).
+    process_group, replicated : optional
+        For sharded gradients, as in :func:`clip_grad_norm_`.
 
     Returns
     -------
@@ -353,7 +373,7 @@ def clip_before_step(
     p = _checks.check_ord(norm_type)
     eps = _checks.check_nonneg(eps, "eps")
     nonfinite = _checks.check_nonfinite(nonfinite)
-    return ClipHandle(optimizer, max_norm, p, eps, nonfinite)
+    return ClipHandle(optimizer, max_norm, p, eps, nonfinite, process_group, replicated)
 
 
 # -- shared steps ---------------------------------------------------------------------
@@ -361,6 +381,16 @@ def clip_before_step(
 
 def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in parameters if p.grad is not None]
+
+
+def _dist_options(tensors: list[torch.Tensor], process_group: Any, replicated: Any) -> dict:
+    """The core's distributed options, with ``replicated`` given as parameters (or a
+    dict of parameter -> marker) turned into one marker per tensor, in order."""
+    if replicated is not None and not callable(replicated) and not isinstance(replicated, bool):
+        given = replicated if isinstance(replicated, dict) else dict.fromkeys(replicated, True)
+        by_id = {id(t): m for t, m in given.items()}
+        replicated = [by_id.get(id(t), False) for t in tensors]
+    return {"process_group": process_group, "replicated": replicated}
 
 
 def _inplace_tree(grads: list[torch.Tensor]) -> _tree.Tree:
@@ -394,7 +424,7 @@ def _total_norm(
     norm_type: Any,
     error_if_nonfinite: bool,
     foreach: bool | None,
-    process_group: Any,
+    dist: dict[str, Any],
 ) -> torch.Tensor:
     """The norm of a flattened tree of tensors (``None``: no tensors), as torch's."""
     p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
@@ -402,9 +432,8 @@ def _total_norm(
         return torch.tensor(0.0)
     with torch.no_grad(), _mode(tree.leaves, foreach):
         if p > 0:
-            kw = {} if process_group is None else {"process_group": process_group}
-            norm = _norms.tree_norm(tree, p, **kw)
-        elif process_group is not None:
+            norm = _distributed.tree_norm(tree, p, **dist)
+        elif dist["process_group"] is not None:
             raise ValueError(f"norm_type must be > 0 with a process_group, got {norm_type!r}")
         else:  # 0, negative, -inf, NaN: not norms; torch's own definition
             norm = torch.nn.utils.get_total_norm(tree.leaves, p, False, foreach)
