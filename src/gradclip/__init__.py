@@ -11,6 +11,7 @@ is chosen from the input's type. Framework integrations live in
 7.4162
 """
 
+from ._adaptive import adaptive_grad_clip, clip_by_block_rms
 from ._clipping import (
     clip_by_global_norm,
     clip_by_global_norm_,
@@ -19,14 +20,40 @@ from ._clipping import (
     clip_scale,
 )
 from ._norms import global_norm
+from ._per_example import per_example_clip
+from ._stateful import (
+    AdaptiveClipper,
+    AutoClip,
+    AutoClipState,
+    ClipInfo,
+    QuantileClip,
+    QuantileClipState,
+    ZClip,
+    ZClipState,
+    clip_adaptive,
+    clip_adaptive_,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveClipper",
+    "AutoClip",
+    "AutoClipState",
+    "ClipInfo",
+    "QuantileClip",
+    "QuantileClipState",
+    "ZClip",
+    "ZClipState",
+    "adaptive_grad_clip",
+    "clip_adaptive",
+    "clip_adaptive_",
+    "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_global_norm_",
     "clip_by_norm",
     "clip_by_value",
     "clip_scale",
     "global_norm",
+    "per_example_clip",
 ]

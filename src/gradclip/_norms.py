@@ -23,7 +23,7 @@ from typing import Any
 from . import _backends, _checks, _distributed, _tree
 from ._compat import as_array, is_cupy_array, is_torch_array, to_device
 
-__all__ = ["global_norm", "leaf_norms", "tree_norm"]
+__all__ = ["axis_norms", "example_norms", "global_norm", "leaf_norms", "tree_norm"]
 
 
 def global_norm(
@@ -108,26 +108,50 @@ def leaf_norms(tree: _tree.Tree, p: float) -> list[Any]:
     return out
 
 
-def _leaf_terms(tree: _tree.Tree, x: Any, p: float) -> tuple[Any, Any]:
+def axis_norms(tree: _tree.Tree, x: Any, p: float, axis: tuple[int, ...]) -> Any:
+    """The ``p``-norms of leaf ``x`` over ``axis``, kept as size-1 axes (unit norms)."""
+    m, s = _leaf_terms(tree, x, p, axis)
+    return m if math.isinf(p) else _scaled_root(tree.xp, m, s, p)
+
+
+def example_norms(tree: _tree.Tree, p: float) -> Any:
+    """The ``p``-norm of each example: axis 0 of every leaf is the batch, every other
+    axis of every leaf is reduced. Shape ``(batch,)``, accumulation dtype."""
+    xp = tree.xp
+    terms = []
+    for x in tree.leaves:
+        if x.ndim == 1:  # one number per example; torch reads axis=() as "all axes"
+            x = xp.reshape(x, (x.shape[0], 1))
+        m, s = _leaf_terms(tree, x, p, tuple(range(1, x.ndim)))
+        terms.append((xp.reshape(m, (-1,)), None if s is None else xp.reshape(s, (-1,))))
+    return _combine(tree, terms, p)
+
+
+def _leaf_terms(
+    tree: _tree.Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
+) -> tuple[Any, Any]:
     """``(m, s)`` for one leaf: its largest magnitude and ``sum (|x| / d) ** p``.
 
     ``d`` is ``m`` where ``m`` is finite and positive, else 1, so the terms are at
     most 1 for finite leaves and inf/NaN flow into ``s`` otherwise. For ``p = inf``
-    ``s`` is unused (``None``).
+    ``s`` is unused (``None``). With ``axis``, both are taken over those axes only
+    and have the leaf's rank (the reduced axes kept with size 1).
     """
     xp, acc = tree.xp, tree.acc_dtype
+    keep = axis is not None
     if _tree._size(x) == 0:
-        zero = xp.zeros((), dtype=acc, device=tree.device)
+        shape = tuple(1 if i in axis else n for i, n in enumerate(x.shape)) if keep else ()
+        zero = xp.zeros(shape, dtype=acc, device=tree.device)
         return zero, (None if math.isinf(p) else zero)
     a = xp.abs(x)
     if a.dtype != acc:
         a = xp.astype(a, acc)
-    m = xp.max(a)
+    m = xp.max(a, axis=axis, keepdims=keep)
     if math.isinf(p):
         return _to_common_device(tree, m), None
     d = _safe_scale(xp, m)
     y = a / d
-    s = xp.sum(y * y if p == 2 else y if p == 1 else xp.pow(y, p))
+    s = xp.sum(y * y if p == 2 else y if p == 1 else xp.pow(y, p), axis=axis, keepdims=keep)
     return _to_common_device(tree, m), _to_common_device(tree, s)
 
 
@@ -147,10 +171,11 @@ def _scaled_root(xp: Any, d: Any, s: Any, p: float) -> Any:
 
 
 def _combine(tree: _tree.Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
-    """The global norm from the per-leaf ``(m, s)`` terms."""
+    """The global norm from the per-leaf ``(m, s)`` terms (0-d, or arrays of one shape
+    for norms taken per example)."""
     xp = tree.xp
-    ms = xp.stack([m for m, _ in terms])
-    big = xp.max(ms)
+    ms = xp.stack([m for m, _ in terms])  # axis 0 runs over the leaves
+    big = xp.max(ms, axis=0)
     if math.isinf(p):
         return big
     ss = xp.stack([s for _, s in terms])
@@ -159,7 +184,7 @@ def _combine(tree: _tree.Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
     # inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
     r = xp.where(ms > 0, _safe_scale(xp, ms), xp.zeros_like(ms)) / scale
     weight = r * r if p == 2 else r if p == 1 else xp.pow(r, p)
-    return _scaled_root(xp, scale, xp.sum(weight * ss), p)
+    return _scaled_root(xp, scale, xp.sum(weight * ss, axis=0), p)
 
 
 def _to_common_device(tree: _tree.Tree, v: Any) -> Any:

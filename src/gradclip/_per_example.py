@@ -1,0 +1,126 @@
+"""Per-example clipping for differentially private SGD (Abadi et al.).
+
+Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar and Zhang, "Deep Learning with
+Differential Privacy", CCS 2016 (arXiv:1607.00133), algorithm 1: each example's
+gradient ``g_i`` is clipped to ``g_i / max(1, ||g_i|| / C)`` before the batch is summed
+(and noised, which is left to the caller). Every example's norm is taken at once by
+reducing every axis but the batch axis, with the overflow-free scaling of
+:mod:`gradclip._norms`; there is no Python loop over examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _checks, _compat, _norms, _tree
+from ._clipping import _real_dtype, clip_scale
+
+__all__ = ["per_example_clip"]
+
+_REDUCE = ("sum", "mean", "none")
+
+
+def per_example_clip(
+    grads: Any, l2_norm_clip: Any, /, *, reduce: str = "sum", eps: float = 0.0
+) -> tuple[Any, Any, Any]:
+    """Clip each example's gradient to global L2 norm ``l2_norm_clip``, then reduce.
+
+    Axis 0 of every leaf is the batch. Example ``i`` is scaled by
+    ``min(1, C / (||g_i|| + eps))``, ``||g_i||`` being the norm of all its elements
+    in every leaf. An example with zero gradient stays zero (no NaN), one with a NaN
+    norm is passed through unscaled (as in optax).
+
+    With ``eps=0`` (default) this is ``optax.per_example_global_norm_clip``;
+    ``eps=1e-6`` is Opacus's flat clipping factor ``clamp(C / (N + 1e-6), max=1)``.
+
+    Parameters
+    ----------
+    grads : tree of arrays
+        Per-example gradients, every leaf with the same leading batch size.
+    l2_norm_clip : float or 0-d array
+        ``C``, the largest norm an example may contribute.
+    reduce : {"sum", "mean", "none"}, optional
+        Sum the clipped examples (DP-SGD, optax), average them, or return them all
+        (each leaf keeps its batch axis).
+    eps : float, optional
+        Added to each norm before dividing.
+
+    Returns
+    -------
+    clipped : same structure as ``grads``
+        Leaves without the batch axis (``"sum"``, ``"mean"``) or with it (``"none"``),
+        in each leaf's dtype.
+    norms : array of shape ``(batch,)``
+        Each example's norm before clipping (float32, float64 for float64 leaves).
+    num_clipped : 0-d integer array
+        How many examples were scaled down.
+
+    Examples
+    --------
+    optax's example: four examples of norms 0, 5, 5 and 5.
+
+    >>> import numpy as np, gradclip as gc
+    >>> g = np.array([[0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]], dtype=np.float32)
+    >>> clipped, norms, n = gc.per_example_clip(g, 1.25)
+    >>> clipped, norms, int(n)
+    (array([1.75, 1.75, 1.75], dtype=float32), array([0., 5., 5., 5.], dtype=float32), 3)
+    """
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    l2_norm_clip = _checks.check_nonneg(l2_norm_clip, "l2_norm_clip")
+    eps = _checks.check_nonneg(eps, "eps")
+    tree = _tree.flatten(grads)
+    xp = tree.xp
+    batch = _batch_size(tree)
+    norms = _norms.example_norms(tree, 2.0)
+    c = _checks.scalar_or_array(xp, l2_norm_clip, norms.dtype, _compat.device(norms))
+    scale = clip_scale(norms, c, eps)
+    scale = xp.where(xp.isnan(scale), xp.ones_like(scale), scale)  # a NaN example: as optax
+    num_clipped = xp.sum(xp.astype(scale < 1, xp.int32))
+    if reduce == "mean":
+        scale = scale / max(batch, 1)
+    out = []
+    for x in tree.leaves:
+        s = xp.astype(scale, _real_dtype(tree, x)) if _low_or_other(tree, x, scale) else scale
+        if _compat.is_torch_array(x) or _compat.is_cupy_array(x):
+            s = _compat.to_device(s, x.device) if s.device != x.device else s
+        if reduce == "none":
+            y = x * xp.reshape(s, (batch,) + (1,) * (x.ndim - 1))
+        else:
+            y = _weighted_sum(tree, x, s)
+        out.append(_compat.as_array(xp, y if y.dtype == x.dtype else xp.astype(y, x.dtype)))
+    return tree.unflatten(out), _compat.as_array(xp, norms), _compat.as_array(xp, num_clipped)
+
+
+def _batch_size(tree: _tree.Tree) -> int:
+    sizes = []
+    for x, path in zip(tree.leaves, tree.paths):
+        if x.ndim == 0:
+            raise ValueError(f"{path} is 0-d, but per-example gradients need a batch axis 0")
+        sizes.append(int(x.shape[0]))
+    for n, path in zip(sizes, tree.paths):
+        if n != sizes[0]:
+            raise ValueError(
+                f"every leaf needs the same batch size on axis 0, but {tree.paths[0]} has "
+                f"{sizes[0]} examples and {path} has {n}"
+            )
+    return sizes[0]
+
+
+def _low_or_other(tree: _tree.Tree, x: Any, scale: Any) -> bool:
+    """True when the scale must be cast to the leaf's real dtype (not for float16 and
+    bfloat16 leaves, which are summed in the scale's float32)."""
+    return _tree.dtype_kind(tree.xp, x.dtype) != "low" and _real_dtype(tree, x) != scale.dtype
+
+
+def _weighted_sum(tree: _tree.Tree, x: Any, s: Any) -> Any:
+    """``sum_i s[i] * x[i]`` over axis 0 (a matrix-vector product), in float32 for
+    low-precision leaves."""
+    xp = tree.xp
+    if _tree.dtype_kind(xp, x.dtype) == "low":
+        x = xp.astype(x, s.dtype)
+    elif _tree.dtype_kind(xp, x.dtype) == "complex":
+        s = xp.astype(s, x.dtype)
+    if x.shape[0] == 0:
+        return xp.zeros(x.shape[1:], dtype=x.dtype, device=_compat.device(x))
+    return xp.tensordot(s, x, axes=1)
