@@ -27,7 +27,7 @@ def _per_example_tree(seed=0, batch=BATCH):
         "s": rng.standard_normal(batch) * 0.3,
     }
     scale = np.exp(rng.uniform(-1.5, 1.5, batch))
-    for k, v in tree.items():
+    for v in tree.values():
         v *= scale.reshape((batch,) + (1,) * (v.ndim - 1))
         v[0] = 0.0
     return tree
@@ -63,7 +63,10 @@ def test_equals_opacus_flat_clipping():
     from opacus.optimizers import DPOptimizer
 
     tree = _per_example_tree(seed=1)
-    params = {k: torch.nn.Parameter(torch.zeros(v.shape[1:], dtype=torch.float64)) for k, v in tree.items()}
+    params = {
+        k: torch.nn.Parameter(torch.zeros(v.shape[1:], dtype=torch.float64))
+        for k, v in tree.items()
+    }
     opt = DPOptimizer(
         torch.optim.SGD(list(params.values()), lr=0.1),
         noise_multiplier=0.0,
@@ -126,6 +129,7 @@ def test_under_jit():
     got, norms, num = f(tree, jnp.asarray(0.8))
     want, want_num = _optax({k: np.asarray(v) for k, v in tree.items()}, 0.8)
     assert int(num) == want_num
+    np.testing.assert_allclose(np.asarray(norms), _ref_norms(tree), rtol=1e-13)
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-12, atol=1e-15)
 

@@ -108,8 +108,7 @@ def adaptive_grad_clip(
     for g, w, path in zip(gtree.leaves, ptree.leaves, gtree.paths):
         if tuple(g.shape) != tuple(w.shape):
             raise ValueError(
-                f"{path} has shape {tuple(g.shape)} but its parameter has shape "
-                f"{tuple(w.shape)}"
+                f"{path} has shape {tuple(g.shape)} but its parameter has shape {tuple(w.shape)}"
             )
         if exclude is not None and exclude(path[len("grads") :]):
             out.append(g)

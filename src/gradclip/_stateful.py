@@ -94,7 +94,7 @@ def clip_adaptive(
     tree, p, _, _ = _prepare(grads, 0.0, ord, eps, "propagate", inplace=False)
     norm, max_norm, scale, state = _step(tree, p, clipper, state, eps)
     out = tree.unflatten(_apply(tree, scale, norm, "propagate", inplace=False))
-    return out, state, ClipInfo(norm, max_norm, scale < 1)
+    return out, state, _info(tree, norm, max_norm, scale)
 
 
 def clip_adaptive_(
@@ -113,7 +113,7 @@ def clip_adaptive_(
     tree, p, _, _ = _prepare(grads, 0.0, ord, eps, "propagate", inplace=True)
     norm, max_norm, scale, state = _step(tree, p, clipper, state, eps)
     _apply(tree, scale, norm, "propagate", inplace=True)
-    return state, ClipInfo(norm, max_norm, scale < 1)
+    return state, _info(tree, norm, max_norm, scale)
 
 
 def _step(tree: _tree.Tree, p: float, clipper: Any, state: Any, eps: float) -> tuple:
@@ -123,6 +123,10 @@ def _step(tree: _tree.Tree, p: float, clipper: Any, state: Any, eps: float) -> t
     if max_norm.dtype != norm.dtype:
         max_norm = tree.xp.astype(max_norm, norm.dtype)
     return norm, max_norm, clip_scale(norm, max_norm, eps), state
+
+
+def _info(tree: _tree.Tree, norm: Any, max_norm: Any, scale: Any) -> ClipInfo:
+    return ClipInfo(norm, max_norm, _compat.as_array(tree.xp, scale < 1))
 
 
 class _Imperative:
@@ -180,11 +184,17 @@ def _like(like: Any) -> tuple[Any, Any, Any]:
     return xp, dt, dev
 
 
-def _norm_as(xp: Any, norm: Any, like: Any) -> Any:
-    """``norm`` in the state's dtype (and on its device)."""
+def _norm_as(xp: Any, norm: Any, like: Any, *, batch: bool = False) -> Any:
+    """``norm`` (0-d; 0-d or 1-d with ``batch``) in the state's dtype, on its device."""
+    if getattr(norm, "ndim", None) not in ((0, 1) if batch else (0,)):
+        want = "a 0-d or 1-d array" if batch else "a 0-d array"
+        shape = getattr(norm, "shape", type(norm).__name__)
+        raise ValueError(f"norm must be {want} (the global norm), got {shape}")
     if norm.dtype != like.dtype:
         norm = xp.astype(norm, like.dtype)
-    if (_compat.is_torch_array(norm) or _compat.is_cupy_array(norm)) and norm.device != like.device:
+    if (
+        _compat.is_torch_array(norm) or _compat.is_cupy_array(norm)
+    ) and norm.device != like.device:
         norm = _compat.to_device(norm, like.device)
     return norm
 
@@ -470,7 +480,7 @@ class QuantileClip(_Imperative):
         ``noise_multiplier > 0``."""
         xp = _compat.array_namespace(state.clip)
         c = state.clip
-        x = _norm_as(xp, norm, c)
+        x = _norm_as(xp, norm, c, batch=True)
         valid = ~xp.isnan(x)
         m = xp.sum(xp.astype(valid, c.dtype))
         below = xp.sum(xp.astype(valid & (x <= c), c.dtype))
