@@ -393,3 +393,18 @@ def test_bad_arguments():
         gc.QuantileClip(update="cubic")
     with pytest.raises(TypeError, match="like must be a 0-d array"):
         gc.ZClip().init(0.0)
+
+
+def test_plot_script_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "plot_thresholds.py"
+    ns = runpy.run_path(str(script))
+    out = ns["main"](["--steps", "60", "--out", str(tmp_path / "img" / "t.png")])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    norms = ns["spiky_norms"](60)
+    thr, _ = ns["thresholds"](gc.AutoClip(0.9), norms)
+    assert thr[0] == math.inf
+    assert np.isfinite(thr[1:]).all()
