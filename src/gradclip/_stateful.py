@@ -459,7 +459,9 @@ class QuantileClip(_Imperative):
         update: str = "geometric",
         seed: int | None = None,
     ) -> None:
-        self.initial_threshold = float(_checks.check_nonneg(initial_threshold, "initial"))
+        self.initial_threshold = float(
+            _checks.check_nonneg(initial_threshold, "initial_threshold")
+        )
         self.target_quantile = _fraction(target_quantile, "target_quantile")
         self.learning_rate = float(_checks.check_nonneg(learning_rate, "learning_rate"))
         self.noise_multiplier = float(_checks.check_nonneg(noise_multiplier, "noise_multiplier"))
