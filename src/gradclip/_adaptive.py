@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _checks, _compat, _norms, _tree
-from ._clipping import _scaled, clip_scale
+from ._clipping import _cast, _scaled, clip_scale
 
 __all__ = ["adaptive_grad_clip", "clip_by_block_rms"]
 
@@ -122,7 +122,7 @@ def adaptive_grad_clip(
         max_norm = c * xp.maximum(w_norm, xp.asarray(eps, dtype=g_norm.dtype))
         guard = xp.maximum(g_norm, xp.asarray(_DIV_EPS, dtype=g_norm.dtype))
         scale = xp.where(g_norm > max_norm, max_norm / guard, xp.ones_like(g_norm))
-        out.append(_compat.as_array(xp, _scaled(gtree, g, scale)))
+        out.append(_compat.as_array(xp, _scaled(gtree, g, _cast(gtree, {}, scale, g))))
     return gtree.unflatten(out)
 
 
@@ -177,5 +177,6 @@ def clip_by_block_rms(grads: Any, /, threshold: Any) -> Any:
         t = _checks.scalar_or_array(xp, threshold, n.dtype, _compat.device(n))
         # rms > t  <=>  norm > t * sqrt(size): a per-leaf norm clip
         size = math.prod(int(s) for s in x.shape)
-        out.append(_compat.as_array(xp, _scaled(tree, x, clip_scale(n, t * math.sqrt(size)))))
+        scale = clip_scale(n, t * math.sqrt(size))
+        out.append(_compat.as_array(xp, _scaled(tree, x, _cast(tree, {}, scale, x))))
     return tree.unflatten(out)
