@@ -13,6 +13,14 @@ optax = pytest.importorskip("optax")
 torch = pytest.importorskip("torch")
 
 
+def call(backend, fn, *args, **options):
+    """``fn(*args, **options)``; on JAX through one ``jax.jit`` (eager JAX compiles every
+    operation separately, which dominates these small tests)."""
+    if backend.name == "jax":
+        return jax.jit(lambda *a: fn(*a, **options))(*args)
+    return fn(*args, **options)
+
+
 # Reproduced from timm/utils/agc.py (pytorch-image-models, Apache-2.0): timm cannot be
 # installed here (it needs torchvision). This is the reference for the PyTorch layout.
 def timm_unitwise_norm(x, norm_type=2.0):
@@ -109,17 +117,16 @@ def test_agc_equals_optax_on_every_backend(backend):
     _some_clipped(grads, want)
     p = {k: backend.asarray(v) for k, v in params.items()}
     g = {k: backend.asarray(v) for k, v in grads.items()}
-    got = gc.adaptive_grad_clip(g, p, 0.1, layout="optax")
+    got = call(backend, gc.adaptive_grad_clip, g, p, 0.1, layout="optax")
     _assert_tree_close(backend, got, want, rtol=1e-12)
 
 
-def test_agc_default_layout_is_optax_for_jax():
+def test_agc_under_jit_with_jax_default_layout():
+    """JAX arrays default to optax's layout; a traced ``clipping`` works."""
     params, grads = _params_grads(OPTAX_SHAPES, seed=1)
-    got = gc.adaptive_grad_clip(
-        {k: jnp.asarray(v) for k, v in grads.items()},
-        {k: jnp.asarray(v) for k, v in params.items()},
-        0.1,
-    )
+    jp = {k: jnp.asarray(v) for k, v in params.items()}
+    jg = {k: jnp.asarray(v) for k, v in grads.items()}
+    got = jax.jit(lambda g, p, c: gc.adaptive_grad_clip(g, p, c))(jg, jp, jnp.asarray(0.1))
     want = _optax_agc(params, grads, 0.1)
     for k in want:
         np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-12)
@@ -132,7 +139,9 @@ def test_agc_explicit_axis_equals_optax(backend, axis):
     # optax applies axis to every leaf; here leaves of rank 0 and 1 are one unit always
     want = _optax_agc({k: params[k] for k in "wk"}, {k: grads[k] for k in "wk"}, 0.1, axis=axis)
     want["b"] = _optax_agc({"b": params["b"]}, {"b": grads["b"]}, 0.1)["b"]
-    got = gc.adaptive_grad_clip(
+    got = call(
+        backend,
+        gc.adaptive_grad_clip,
         {k: backend.asarray(v) for k, v in grads.items()},
         {k: backend.asarray(v) for k, v in params.items()},
         0.1,
@@ -155,7 +164,9 @@ def test_agc_default_layout_for_torch_is_timms():
 def test_agc_torch_layout_on_every_backend(backend):
     params, grads = _params_grads(TORCH_SHAPES, seed=4)
     want = _timm_agc(params, grads, 0.05, eps=1e-2)
-    got = gc.adaptive_grad_clip(
+    got = call(
+        backend,
+        gc.adaptive_grad_clip,
         {k: backend.asarray(v) for k, v in grads.items()},
         {k: backend.asarray(v) for k, v in params.items()},
         0.05,
@@ -178,7 +189,7 @@ def test_agc_float32_and_float16_keep_dtype(backend):
             {k: backend.to_numpy(v) for k, v in g.items()},
             0.1,
         )
-        got = gc.adaptive_grad_clip(g, p, 0.1, layout="optax")
+        got = call(backend, gc.adaptive_grad_clip, g, p, 0.1, layout="optax")
         for k in want:
             assert str(got[k].dtype).endswith(dtype)
             np.testing.assert_allclose(backend.to_numpy(got[k]), want[k], rtol=rtol, atol=0)
@@ -202,16 +213,6 @@ def test_agc_exclude_leaves_by_path():
     np.testing.assert_array_equal(got["head"], grads["head"])
     assert not np.array_equal(want["head"], grads["head"])  # it would have been clipped
     np.testing.assert_allclose(got["body"], want["body"], rtol=1e-12)
-
-
-def test_agc_under_jit():
-    params, grads = _params_grads(OPTAX_SHAPES, seed=7)
-    jp = {k: jnp.asarray(v) for k, v in params.items()}
-    jg = {k: jnp.asarray(v) for k, v in grads.items()}
-    got = jax.jit(lambda g, p, c: gc.adaptive_grad_clip(g, p, c))(jg, jp, jnp.asarray(0.1))
-    want = _optax_agc(params, grads, 0.1)
-    for k in want:
-        np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-12)
 
 
 def test_agc_errors():
@@ -251,7 +252,12 @@ def test_block_rms_equals_optax_on_every_backend(backend, threshold):
     tx = optax.clip_by_block_rms(threshold)
     ref, _ = tx.update({k: jnp.asarray(v) for k, v in arrays.items()}, tx.init(None))
     want = {k: np.asarray(v) for k, v in ref.items()}
-    got = gc.clip_by_block_rms({k: backend.asarray(v) for k, v in arrays.items()}, threshold)
+    got = call(
+        backend,
+        gc.clip_by_block_rms,
+        {k: backend.asarray(v) for k, v in arrays.items()},
+        threshold,
+    )
     _assert_tree_close(backend, got, want, rtol=1e-12)
 
 
