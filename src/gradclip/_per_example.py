@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _checks, _compat, _norms, _tree
-from ._clipping import _real_dtype, clip_scale
+from ._clipping import _cast, _scaled, clip_scale
 
 __all__ = ["per_example_clip"]
 
@@ -79,16 +79,15 @@ def per_example_clip(
     num_clipped = xp.sum(xp.astype(scale < 1, xp.int32))
     if reduce == "mean":
         scale = scale / max(batch, 1)
+    casts: dict[Any, Any] = {}
     out = []
     for x in tree.leaves:
-        s = xp.astype(scale, _real_dtype(tree, x)) if _low_or_other(tree, x, scale) else scale
-        if _compat.is_torch_array(x) or _compat.is_cupy_array(x):
-            s = _compat.to_device(s, x.device) if s.device != x.device else s
+        s = _cast(tree, casts, scale, x)  # the leaf's real dtype (float32 for 16-bit leaves)
         if reduce == "none":
-            y = x * xp.reshape(s, (batch,) + (1,) * (x.ndim - 1))
+            y = _scaled(tree, x, xp.reshape(s, (batch,) + (1,) * (x.ndim - 1)))
         else:
             y = _weighted_sum(tree, x, s)
-        out.append(_compat.as_array(xp, y if y.dtype == x.dtype else xp.astype(y, x.dtype)))
+        out.append(_compat.as_array(xp, y))
     return tree.unflatten(out), _compat.as_array(xp, norms), _compat.as_array(xp, num_clipped)
 
 
@@ -107,20 +106,13 @@ def _batch_size(tree: _tree.Tree) -> int:
     return sizes[0]
 
 
-def _low_or_other(tree: _tree.Tree, x: Any, scale: Any) -> bool:
-    """True when the scale must be cast to the leaf's real dtype (not for float16 and
-    bfloat16 leaves, which are summed in the scale's float32)."""
-    return _tree.dtype_kind(tree.xp, x.dtype) != "low" and _real_dtype(tree, x) != scale.dtype
-
-
 def _weighted_sum(tree: _tree.Tree, x: Any, s: Any) -> Any:
-    """``sum_i s[i] * x[i]`` over axis 0 (a matrix-vector product), in float32 for
-    low-precision leaves."""
+    """``sum_i s[i] * x[i]`` over axis 0 (a matrix-vector product) in the leaf's dtype;
+    16-bit leaves are summed in float32 and rounded once."""
     xp = tree.xp
-    if _tree.dtype_kind(xp, x.dtype) == "low":
-        x = xp.astype(x, s.dtype)
-    elif _tree.dtype_kind(xp, x.dtype) == "complex":
-        s = xp.astype(s, x.dtype)
+    kind = _tree.dtype_kind(xp, x.dtype)
     if x.shape[0] == 0:
         return xp.zeros(x.shape[1:], dtype=x.dtype, device=_compat.device(x))
-    return xp.tensordot(s, x, axes=1)
+    if kind == "low":
+        return xp.astype(xp.tensordot(s, xp.astype(x, s.dtype), axes=1), x.dtype)
+    return xp.tensordot(xp.astype(s, x.dtype) if kind == "complex" else s, x, axes=1)
