@@ -150,7 +150,11 @@ def _leaf_terms(
     if math.isinf(p):
         return _to_common_device(tree, m), None
     d = _safe_scale(xp, m)
-    y = a / d
+    if p == 2 and _tree.dtype_kind(xp, x.dtype) != "complex":
+        # the same squares from x itself: XLA then need not keep |x| for a second pass
+        y = (x if x.dtype == acc else xp.astype(x, acc)) / d
+    else:
+        y = a / d
     s = xp.sum(y * y if p == 2 else y if p == 1 else xp.pow(y, p), axis=axis, keepdims=keep)
     return _to_common_device(tree, m), _to_common_device(tree, s)
 
