@@ -64,6 +64,13 @@ class Backend:
             return self.mod.asarray(a)
         return self.mod.asarray(a)  # array_api_strict
 
+    def call(self, fn: Any, *args: Any, **options: Any) -> Any:
+        """``fn(*args, **options)``; on JAX through one ``jax.jit`` (eager JAX compiles
+        every operation on its own, which dominates small tests)."""
+        if self.name == "jax":
+            return jax.jit(lambda *a: fn(*a, **options))(*args)
+        return fn(*args, **options)
+
     def to_numpy(self, x: Any) -> np.ndarray:
         """``x`` as a float64 NumPy array (computing Dask graphs)."""
         if self.name == "torch":

@@ -13,14 +13,6 @@ optax = pytest.importorskip("optax")
 torch = pytest.importorskip("torch")
 
 
-def call(backend, fn, *args, **options):
-    """``fn(*args, **options)``; on JAX through one ``jax.jit`` (eager JAX compiles every
-    operation separately, which dominates these small tests)."""
-    if backend.name == "jax":
-        return jax.jit(lambda *a: fn(*a, **options))(*args)
-    return fn(*args, **options)
-
-
 # Reproduced from timm/utils/agc.py (pytorch-image-models, Apache-2.0): timm cannot be
 # installed here (it needs torchvision). This is the reference for the PyTorch layout.
 def timm_unitwise_norm(x, norm_type=2.0):
@@ -99,6 +91,13 @@ def _timm_agc(params, grads, clipping, eps=1e-3):
     return out
 
 
+def _ours(backend, params, grads, clipping, **options):
+    """gc.adaptive_grad_clip on ``backend`` arrays made from NumPy trees."""
+    g = {k: backend.asarray(v) for k, v in grads.items()}
+    p = {k: backend.asarray(v) for k, v in params.items()}
+    return backend.call(gc.adaptive_grad_clip, g, p, clipping, **options)
+
+
 def _assert_tree_close(backend, got, want, rtol):
     assert sorted(got) == sorted(want)
     for k in want:
@@ -115,9 +114,7 @@ def test_agc_equals_optax_on_every_backend(backend):
     params, grads = _params_grads(OPTAX_SHAPES)
     want = _optax_agc(params, grads, 0.1)
     _some_clipped(grads, want)
-    p = {k: backend.asarray(v) for k, v in params.items()}
-    g = {k: backend.asarray(v) for k, v in grads.items()}
-    got = call(backend, gc.adaptive_grad_clip, g, p, 0.1, layout="optax")
+    got = _ours(backend, params, grads, 0.1, layout="optax")
     _assert_tree_close(backend, got, want, rtol=1e-12)
 
 
@@ -139,14 +136,7 @@ def test_agc_explicit_axis_equals_optax(backend, axis):
     # optax applies axis to every leaf; here leaves of rank 0 and 1 are one unit always
     want = _optax_agc({k: params[k] for k in "wk"}, {k: grads[k] for k in "wk"}, 0.1, axis=axis)
     want["b"] = _optax_agc({"b": params["b"]}, {"b": grads["b"]}, 0.1)["b"]
-    got = call(
-        backend,
-        gc.adaptive_grad_clip,
-        {k: backend.asarray(v) for k, v in grads.items()},
-        {k: backend.asarray(v) for k, v in params.items()},
-        0.1,
-        axis=axis,
-    )
+    got = _ours(backend, params, grads, 0.1, axis=axis)
     _assert_tree_close(backend, got, want, rtol=1e-12)
 
 
@@ -164,15 +154,7 @@ def test_agc_default_layout_for_torch_is_timms():
 def test_agc_torch_layout_on_every_backend(backend):
     params, grads = _params_grads(TORCH_SHAPES, seed=4)
     want = _timm_agc(params, grads, 0.05, eps=1e-2)
-    got = call(
-        backend,
-        gc.adaptive_grad_clip,
-        {k: backend.asarray(v) for k, v in grads.items()},
-        {k: backend.asarray(v) for k, v in params.items()},
-        0.05,
-        eps=1e-2,
-        layout="torch",
-    )
+    got = _ours(backend, params, grads, 0.05, eps=1e-2, layout="torch")
     _assert_tree_close(backend, got, want, rtol=1e-12)
 
 
@@ -189,7 +171,7 @@ def test_agc_float32_and_float16_keep_dtype(backend):
             {k: backend.to_numpy(v) for k, v in g.items()},
             0.1,
         )
-        got = call(backend, gc.adaptive_grad_clip, g, p, 0.1, layout="optax")
+        got = backend.call(gc.adaptive_grad_clip, g, p, 0.1, layout="optax")
         for k in want:
             assert str(got[k].dtype).endswith(dtype)
             np.testing.assert_allclose(backend.to_numpy(got[k]), want[k], rtol=rtol, atol=0)
@@ -252,8 +234,7 @@ def test_block_rms_equals_optax_on_every_backend(backend, threshold):
     tx = optax.clip_by_block_rms(threshold)
     ref, _ = tx.update({k: jnp.asarray(v) for k, v in arrays.items()}, tx.init(None))
     want = {k: np.asarray(v) for k, v in ref.items()}
-    got = call(
-        backend,
+    got = backend.call(
         gc.clip_by_block_rms,
         {k: backend.asarray(v) for k, v in arrays.items()},
         threshold,

@@ -15,14 +15,6 @@ optax = pytest.importorskip("optax")
 torch = pytest.importorskip("torch")
 
 
-def call(backend, fn, *args, **options):
-    """``fn(*args, **options)``; on JAX through one ``jax.jit`` (eager JAX compiles every
-    operation separately, which dominates these small tests)."""
-    if backend.name == "jax":
-        return jax.jit(lambda *a: fn(*a, **options))(*args)
-    return fn(*args, **options)
-
-
 BATCH = 6
 
 
@@ -59,7 +51,7 @@ def test_equals_optax_on_every_backend(backend, c):
     if c == 0.8:
         assert 0 < want_num < BATCH - 1  # some examples clipped, some not
     arrays = {k: backend.asarray(v) for k, v in tree.items()}
-    got, norms, num = call(backend, gc.per_example_clip, arrays, c)
+    got, norms, num = backend.call(gc.per_example_clip, arrays, c)
     assert int(backend.to_numpy(num)) == want_num
     np.testing.assert_allclose(backend.to_numpy(norms), _ref_norms(tree), rtol=1e-13)
     for k in tree:
@@ -98,8 +90,8 @@ def test_reduce_mean_and_none(backend):
     norms = _ref_norms(tree)
     factor = np.minimum(1.0, 0.8 / np.where(norms > 0, norms, 1.0))
     arrays = {k: backend.asarray(v) for k, v in tree.items()}
-    each, _, _ = call(backend, gc.per_example_clip, arrays, 0.8, reduce="none")
-    mean, _, _ = call(backend, gc.per_example_clip, arrays, 0.8, reduce="mean")
+    each, _, _ = backend.call(gc.per_example_clip, arrays, 0.8, reduce="none")
+    mean, _, _ = backend.call(gc.per_example_clip, arrays, 0.8, reduce="mean")
     for k, v in tree.items():
         ref = v * factor.reshape((BATCH,) + (1,) * (v.ndim - 1))
         np.testing.assert_allclose(backend.to_numpy(each[k]), ref, rtol=1e-12)
@@ -112,7 +104,7 @@ def test_low_precision_norms_do_not_overflow(backend):
         pytest.skip(f"{backend.name} has no float16")
     g = np.full((3, 1000), 300.0)  # each example's sum of squares overflows float16
     g[1] = 0.0
-    got, norms, num = call(backend, gc.per_example_clip, backend.asarray(g, "float16"), 1.0)
+    got, norms, num = backend.call(gc.per_example_clip, backend.asarray(g, "float16"), 1.0)
     assert str(norms.dtype).endswith("float32")
     n = backend.to_numpy(norms)
     np.testing.assert_allclose(n, [300 * math.sqrt(1000), 0, 300 * math.sqrt(1000)], rtol=1e-6)

@@ -16,14 +16,6 @@ jnp = pytest.importorskip("jax.numpy")
 torch = pytest.importorskip("torch")
 
 
-def call(backend, fn, *args, **options):
-    """``fn(*args, **options)``; on JAX through one ``jax.jit`` (eager JAX compiles every
-    operation separately, which dominates these small tests)."""
-    if backend.name == "jax":
-        return jax.jit(lambda *a: fn(*a, **options))(*args)
-    return fn(*args, **options)
-
-
 TORCH_EPS = 1e-6  # both packages clip with torch's rule, scale = max / (norm + 1e-6)
 
 
@@ -321,7 +313,7 @@ def test_protocol_state_is_arrays_of_the_like(backend, make):
     grads = [backend.asarray(np.array([3.0, 4.0]), dtype), backend.asarray(np.ones((2, 2)), dtype)]
     for _ in range(3):
         step = lambda g, s: gc.clip_adaptive(g, clipper, s)  # noqa: E731
-        clipped, state, info = call(backend, step, grads, state)
+        clipped, state, info = backend.call(step, grads, state)
     assert all(backend.is_native(x) for x in (*state, *info, *clipped))
     assert [x.shape for x in info] == [(), (), ()]
     assert str(info.norm.dtype).endswith("float32")
