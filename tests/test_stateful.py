@@ -409,3 +409,15 @@ def test_plot_script_writes_a_png(tmp_path):
     thr, _ = ns["thresholds"](gc.AutoClip(0.9), norms)
     assert thr[0] == math.inf
     assert np.isfinite(thr[1:]).all()
+
+
+@pytest.mark.parametrize("make", CLIPPERS[:2], ids=["zclip", "autoclip"])
+def test_step_counters_saturate(make):
+    clipper = make()
+    state = clipper.init(np.float64(0))
+    for n in (1.0, 1.2, 0.9, 1.1, 1.0, 0.95):
+        _, state = clipper.threshold(state, np.float64(n))
+    top = np.asarray(2**31 - 1, dtype=np.int32)
+    state = state._replace(**{state._fields[0]: top})
+    _, after = clipper.threshold(state, np.float64(1.0))
+    assert after[0] == top  # no wrap to a negative count (which would restart warm-up)

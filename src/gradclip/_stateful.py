@@ -199,6 +199,11 @@ def _norm_as(xp: Any, norm: Any, like: Any, *, batch: bool = False) -> Any:
     return norm
 
 
+def _increment(xp: Any, count: Any, ok: Any) -> Any:
+    """``count + 1`` where ``ok``, staying at the largest int32 rather than wrapping."""
+    return xp.where(ok & (count < 2**31 - 1), count + 1, count)
+
+
 def _full(xp: Any, value: float, like: Any) -> Any:
     return xp.full(like.shape, value, dtype=like.dtype, device=_compat.device(like))
 
@@ -287,7 +292,7 @@ class AutoClip(_Imperative):
         ok = xp.isfinite(x)
         nxt = state.count % size
         hist = xp.where(ok & (slots == nxt), x, hist)
-        count = xp.where(ok, state.count + 1, state.count)
+        count = _increment(xp, state.count, ok)
         return _compat.as_array(xp, thr), AutoClipState(count, hist)
 
 
@@ -406,7 +411,7 @@ class ZClip(_Imperative):
 
         ok = xp.isfinite(x)
         new = ZClipState(
-            xp.where(ok, state.step + 1, state.step),
+            _increment(xp, state.step, ok),
             xp.where(ok, xp.where(warm, mean_w, mean_e), mean),
             xp.where(ok, xp.where(warm, var_w, var_e), var),
         )
