@@ -13,6 +13,7 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 optax = pytest.importorskip("optax")
 
+import gradclip as gc  # noqa: E402
 import gradclip.optax as gco  # noqa: E402
 
 # Gradient scales per step: some steps are clipped, some are not.
@@ -59,8 +60,10 @@ def _run(tx, grads, params):
     [
         (lambda: gco.clip_by_global_norm(1.5), lambda: optax.clip_by_global_norm(1.5)),
         (lambda: gco.clip_by_value(0.7), lambda: optax.clip(0.7)),
+        (lambda: gco.adaptive_grad_clip(0.05), lambda: optax.adaptive_grad_clip(0.05)),
+        (lambda: gco.clip_by_block_rms(0.5), lambda: optax.clip_by_block_rms(0.5)),
     ],
-    ids=["global_norm", "value"],
+    ids=["global_norm", "value", "agc", "block_rms"],
 )
 def test_same_updates_and_params_as_optax(ours, theirs, inner, dtype):
     rng = np.random.default_rng(0)
@@ -324,3 +327,37 @@ def test_stateless_helper_passes_params_when_asked():
     np.testing.assert_array_equal(out["w"], [1.0, -4.0])
     with pytest.raises(ValueError, match="clip_to_params needs the parameters"):
         tx.update(g, tx.init(p))
+
+
+LIBRARY_CLIPPERS = {
+    "autoclip": lambda: gc.AutoClip(quantile=0.5, history=3),
+    "zclip": lambda: gc.ZClip(warmup_steps=2, max_grad_norm=None),
+    "quantile": lambda: gc.QuantileClip(initial_threshold=1.0, learning_rate=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(LIBRARY_CLIPPERS))
+def test_library_clippers_in_the_transform_match_clip_adaptive(name):
+    """AutoClip, ZClip and QuantileClip plug into the transform: under jit, in a chain,
+    it gives the same updates, thresholds and flags as gc.clip_adaptive step by step."""
+    rng = np.random.default_rng(1)
+    grads = _grads(rng, "float32") * 2  # 10 steps with spikes
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    history = _run(
+        optax.chain(gco.clip_by_global_norm(LIBRARY_CLIPPERS[name]()), optax.sgd(1.0)),
+        grads,
+        params,
+    )
+    clipper = LIBRARY_CLIPPERS[name]()
+    state = clipper.init(jnp.zeros((), jnp.float32))
+    clipped_steps = 0
+    for g, (updates, _, tx_state) in zip(grads, history):
+        ref, state, info = gc.clip_adaptive(jax.tree.map(jnp.asarray, g), clipper, state)
+        ours = tx_state[0]
+        np.testing.assert_allclose(ours.norm, info.norm, rtol=1e-6)
+        np.testing.assert_allclose(ours.max_norm, info.threshold, rtol=1e-6)
+        assert bool(ours.clipped) == bool(info.clipped)
+        clipped_steps += bool(info.clipped)
+        for k in ("w", "b"):
+            np.testing.assert_allclose(-updates[k], ref[k], rtol=1e-6, atol=1e-7)
+    assert 0 < clipped_steps < len(grads)  # the clipper acted on some steps only

@@ -13,6 +13,7 @@ from conftest import ref_norm
 torch = pytest.importorskip("torch")
 tnn = torch.nn.utils
 
+import gradclip as gc  # noqa: E402
 import gradclip.torch as gct  # noqa: E402
 from gradclip import _backends  # noqa: E402
 
@@ -538,6 +539,46 @@ def test_hook_with_a_stateful_clipper():
     assert isinstance(h.last_threshold, torch.Tensor)
     assert bool(h.last_clipped)
     torch.testing.assert_close(h.last_norm, ref_norms[-1])
+
+
+LIBRARY_CLIPPERS = {
+    "autoclip": lambda: gc.AutoClip(quantile=0.5, history=4),
+    "zclip": lambda: gc.ZClip(warmup_steps=3, max_grad_norm=None),
+    "quantile": lambda: gc.QuantileClip(initial_threshold=1.0, learning_rate=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(LIBRARY_CLIPPERS))
+def test_hook_with_library_clippers_equals_clip_adaptive_(name):
+    """AutoClip, ZClip and QuantileClip in the hook give the training run of calling
+    gc.clip_adaptive_ (eps 1e-6, as the hook) before each step."""
+    clipper = LIBRARY_CLIPPERS[name]()
+    box = {}
+
+    def reference_setup(opt):
+        def clip(m):
+            grads = [p.grad for p in m.parameters()]
+            if "state" not in box:
+                box["state"] = clipper.init(torch.zeros(()))
+            box["state"], info = gc.clip_adaptive_(grads, clipper, box["state"], eps=1e-6)
+            return info
+
+        return clip
+
+    ref, infos = _hooked_run(reference_setup, steps=15)
+    handles = []
+
+    def setup(opt):
+        handles.append(gct.clip_before_step(opt, LIBRARY_CLIPPERS[name]()))
+        return lambda m: None
+
+    got, _ = _hooked_run(setup, steps=15)
+    for p, r in zip(got, ref):
+        torch.testing.assert_close(p, r, **TOL[torch.float32])
+    h = handles[0]
+    torch.testing.assert_close(h.last_threshold, infos[-1].threshold)
+    torch.testing.assert_close(h.last_norm, infos[-1].norm)
+    assert 0 < sum(bool(i.clipped) for i in infos) < len(infos)  # it acted on some steps
 
 
 def test_hook_infinite_threshold_does_not_clip():

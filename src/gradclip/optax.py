@@ -25,41 +25,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from . import _checks, _clipping, _norms, _tree
+from . import _adaptive, _checks, _clipping, _norms, _tree
+from ._stateful import AdaptiveClipper
 
 __all__ = [
     "ClipByGlobalNormState",
     "SkipNonfiniteState",
-    "StatefulClipper",
+    "adaptive_grad_clip",
+    "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
     "skip_nonfinite",
 ]
-
-
-@runtime_checkable
-class StatefulClipper(Protocol):
-    """A clipping threshold that adapts to the norms seen so far (AutoClip, ZClip, ...).
-
-    Both methods are pure and jittable; the state is a pytree of arrays (a
-    ``NamedTuple``, say) that :func:`clip_by_global_norm` carries in its own state.
-    """
-
-    def init(self, like: Any) -> Any:
-        """The initial state; ``like`` is a 0-d array of the norm's dtype."""
-
-    def threshold(self, state: Any, norm: Any) -> tuple[Any, Any]:
-        """``(max_norm, new_state)`` for this step's pre-clip global ``norm``.
-
-        ``max_norm`` is a 0-d array (``+inf`` means no clipping).
-        """
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -121,10 +105,10 @@ def clip_by_global_norm(
 
     Parameters
     ----------
-    max_norm : float, 0-d array or StatefulClipper
+    max_norm : float, 0-d array or AdaptiveClipper
         The threshold (``>= 0``), or a stateful clipper (an object with
         ``init(like) -> state`` and ``threshold(state, norm) -> (max_norm, state)``,
-        see :class:`StatefulClipper`) that gives a threshold at every step.
+        see :class:`gradclip.AdaptiveClipper`) that gives a threshold at every step.
     eps : float, optional
         Added to the norm before dividing (default 0, optax's rule; torch uses 1e-6).
     nonfinite : {"propagate", "raise", "zero"}, optional
@@ -158,7 +142,7 @@ def clip_by_global_norm(
     """
     p, eps = _static_options(ord, eps)
     nonfinite = _checks.check_nonfinite(nonfinite)
-    if isinstance(max_norm, StatefulClipper):
+    if isinstance(max_norm, AdaptiveClipper):
         return _with_clipper(max_norm, p, eps, nonfinite)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
     return _stateless(_clip_global, max_norm, ord=p, eps=eps, nonfinite=nonfinite)
@@ -200,6 +184,55 @@ def clip_by_value(clip_value: Any) -> optax.GradientTransformation:
     """
     clip_value = _checks.check_nonneg(clip_value, "clip_value")
     return _stateless(_clipping.clip_by_value, clip_value)
+
+
+def adaptive_grad_clip(
+    clipping: Any, *, eps: float = 1e-3, axis: Any = None, exclude: Any = None
+) -> optax.GradientTransformation:
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021, arXiv:2102.06171).
+
+    :func:`optax.adaptive_grad_clip` by :func:`gradclip.adaptive_grad_clip`: each
+    unit's gradient is scaled to at most ``clipping * max(||param_unit||, eps)``,
+    with overflow-free unit norms. ``update`` needs ``params``. ``exclude`` is a
+    predicate on a leaf's path (e.g. the final classifier, as in the paper).
+
+    Examples
+    --------
+    >>> import numpy as np, jax.numpy as jnp, gradclip.optax as gco
+    >>> tx = gco.adaptive_grad_clip(0.1)
+    >>> params = {"w": jnp.ones((2, 2))}
+    >>> updates, _ = tx.update({"w": jnp.full((2, 2), 10.0)}, tx.init(params), params)
+    >>> print(np.asarray(updates["w"], dtype=float).round(4))
+    [[0.1 0.1]
+     [0.1 0.1]]
+    """
+    clipping = _checks.check_nonneg(clipping, "clipping")
+    eps = _checks.check_nonneg(eps, "eps")
+    return _stateless(
+        _adaptive.adaptive_grad_clip,
+        clipping,
+        eps=eps,
+        axis=axis,
+        exclude=exclude,
+        needs_params=True,
+    )
+
+
+def clip_by_block_rms(threshold: Any) -> optax.GradientTransformation:
+    """Scale each leaf so that its root mean square is at most ``threshold``.
+
+    :func:`optax.clip_by_block_rms` by :func:`gradclip.clip_by_block_rms`
+    (overflow-free for float16 leaves).
+
+    Examples
+    --------
+    >>> import numpy as np, jax.numpy as jnp, gradclip.optax as gco
+    >>> tx = gco.clip_by_block_rms(1.0)
+    >>> print(np.asarray(tx.update(jnp.array([3.0, 4.0]), tx.init(None))[0], dtype=float).round(4))
+    [0.8485 1.1314]
+    """
+    threshold = _checks.check_nonneg(threshold, "threshold")
+    return _stateless(_adaptive.clip_by_block_rms, threshold)
 
 
 def skip_nonfinite(
@@ -318,7 +351,7 @@ def _clip_global(updates: Any, max_norm: Any, **kwargs: Any) -> Any:
 
 
 def _with_clipper(
-    clipper: StatefulClipper, p: float, eps: float, nonfinite: str
+    clipper: AdaptiveClipper, p: float, eps: float, nonfinite: str
 ) -> optax.GradientTransformation:
     """:func:`clip_by_global_norm` with a threshold from a stateful clipper."""
 

@@ -28,7 +28,7 @@ import contextlib
 import types
 import warnings
 from collections.abc import Iterable
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 from torch.utils._foreach_utils import (
@@ -38,6 +38,7 @@ from torch.utils._foreach_utils import (
 )
 
 from . import _backends, _checks, _clipping, _distributed, _tree
+from ._stateful import AdaptiveClipper
 
 __all__ = [
     "ClipHandle",
@@ -243,17 +244,6 @@ def clip_grad_value_(
 # -- an optimizer hook ---------------------------------------------------------------
 
 
-class _Clipper(Protocol):
-    """A stateful threshold: ``init(like) -> state``; ``threshold(state, norm) ->
-    (max_norm, state)``, pure, with no host reads (AutoClip, ZClip, quantiles)."""
-
-    def init(self, like: torch.Tensor) -> NamedTuple: ...
-
-    def threshold(
-        self, state: NamedTuple, norm: torch.Tensor
-    ) -> tuple[torch.Tensor, NamedTuple]: ...
-
-
 class ClipHandle:
     """What :func:`clip_before_step` returns: the last step's values, and ``remove()``.
 
@@ -273,7 +263,7 @@ class ClipHandle:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        max_norm: float | torch.Tensor | _Clipper,
+        max_norm: float | torch.Tensor | AdaptiveClipper,
         p: float,
         eps: float,
         nonfinite: str,
@@ -282,7 +272,7 @@ class ClipHandle:
     ) -> None:
         self.optimizer = optimizer
         self._dist = (process_group, replicated)
-        stateful = hasattr(max_norm, "init") and hasattr(max_norm, "threshold")
+        stateful = isinstance(max_norm, AdaptiveClipper)
         self.clipper = max_norm if stateful else None
         self.max_norm = None if stateful else _checks.check_nonneg(max_norm, "max_norm")
         self.p, self.eps, self.nonfinite = p, eps, nonfinite
@@ -319,7 +309,7 @@ class ClipHandle:
 
 def clip_before_step(
     optimizer: torch.optim.Optimizer,
-    max_norm: float | torch.Tensor | _Clipper,
+    max_norm: float | torch.Tensor | AdaptiveClipper,
     *,
     norm_type: float = 2.0,
     eps: float = EPS,
