@@ -1,0 +1,233 @@
+"""NumPy fast path: the global norm and the scaling in cache-sized chunks on threads.
+
+NumPy's ufuncs run on one thread but release the GIL, so large leaves are cut into
+chunks of ``CHUNK`` elements (views, never copies) spread over a small thread pool.
+
+The 2-norm of a chunk is one BLAS dot (``sdot``/``ddot``, one read of the memory)
+whose result is checked on the host, which is free here: when it is finite and far
+from the dtype's overflow and underflow thresholds it is accurate to a few ulps (the
+chunk is short, and chunks are combined in float64). Only when it is not (an inf or
+NaN element, values near 1e19 in float32, tiny values) is the chunk recomputed
+exactly: float32 and 16-bit chunks as float64, whose squares can neither overflow nor
+underflow, float64 chunks scaled by their largest magnitude as in the core. So every
+finite input gives a finite, accurate norm, inf and NaN propagate (NaN first), and the
+result is the core's to a few ulps. 16-bit leaves are converted chunk by chunk into a
+small float32 buffer. The only extra memory is one chunk buffer per thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from . import _clipping, _tree
+
+__all__ = ["global_norm_impl", "norm_of_arrays", "scale_arrays", "scale_impl"]
+
+CHUNK = 1 << 16  # elements per task: a float32 chunk is 256 KiB, it stays in L2
+PARALLEL_MIN = 1 << 19  # below this many elements one thread is faster than a pool
+# sums of squares inside these bounds lost nothing to overflow or underflow
+_SAFE = {np.dtype(np.float32): (2.0**-100, 2.0**120), np.dtype(np.float64): (2.0**-960, 2.0**960)}
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():  # a forked child needs its own
+            _pool = (os.getpid(), ThreadPoolExecutor(threads(), "gradclip"))
+        return _pool[1]
+
+
+def _low(dt: np.dtype) -> bool:
+    return dt.itemsize <= 2
+
+
+def _supported(x: Any) -> bool:
+    dt = x.dtype
+    return dt in _SAFE or (dt.kind == "f" and dt.itemsize == 2) or dt.name == "bfloat16"
+
+
+def chunks(x: np.ndarray) -> Iterator[np.ndarray]:
+    """Views of ``x`` of at most ``CHUNK`` elements that cover it once."""
+    if x.ndim == 0:
+        yield x.reshape(1)
+    elif x.flags.c_contiguous or x.flags.f_contiguous:
+        flat = x.ravel(order="K")  # a view in memory order
+        for i in range(0, flat.size, CHUNK):
+            yield flat[i : i + CHUNK]
+    else:
+        row = x[0].size if x.shape[0] else 0
+        if row > CHUNK and x.ndim > 1:
+            for r in x:
+                yield from chunks(r)
+        else:
+            step = max(1, CHUNK // max(row, 1))
+            for i in range(0, x.shape[0], step):
+                yield x[i : i + step]
+
+
+def _run(tasks: Sequence[Any], work: Callable[[Sequence[Any]], Any], size: int) -> list[Any]:
+    """``work`` over contiguous slices of ``tasks``, one per thread when ``size`` is large."""
+    n = threads() if size >= PARALLEL_MIN else 1
+    if n == 1 or len(tasks) < 2:
+        return [work(tasks)]
+    cut = [len(tasks) * i // n for i in range(n + 1)]
+    parts = [tasks[cut[i] : cut[i + 1]] for i in range(n)]
+    return list(_executor().map(work, parts))
+
+
+# -- the norm -------------------------------------------------------------------------
+
+
+def _sumsq(c: np.ndarray, buf: np.ndarray | None) -> tuple[float, float]:
+    """``(d, s)`` with ``d**2 * s`` the chunk's sum of squares, computed without loss."""
+    if _low(c.dtype) or not (c.flags.c_contiguous and c.ndim == 1):
+        assert buf is not None
+        b = buf[: c.size]
+        np.copyto(b.reshape(c.shape), c, casting="unsafe")
+        c = b
+    s = float(np.dot(c, c))
+    lo, hi = _SAFE[c.dtype]
+    if lo <= s <= hi or (s == 0 and not c.any()):
+        return 1.0, s
+    if c.dtype == np.float32:  # squares of float32 values are exact-range in float64
+        w = c.astype(np.float64)
+        return 1.0, float(np.dot(w, w))
+    m = float(np.max(np.abs(c)))
+    d = m if math.isfinite(m) and m > 0 else 1.0
+    w = c / d
+    return d, float(np.dot(w, w))
+
+
+def _combine2(pairs: list[tuple[float, float]]) -> float:
+    big = max(d for d, _ in pairs)
+    total = math.fsum((d / big) ** 2 * s for d, s in pairs if s)
+    if math.isnan(total) or any(math.isnan(s) for _, s in pairs):
+        return math.nan
+    return big * math.sqrt(total)
+
+
+def _maxabs(c: np.ndarray) -> float:
+    hi, lo = float(np.max(c)), float(np.min(c))
+    if math.isnan(hi) or math.isnan(lo):
+        return math.nan
+    return max(hi, -lo)
+
+
+def _buffer_size(total_bytes: int, n_threads: int) -> int:
+    # at most 0.25 % of the gradients' bytes for all buffers together (>= 1024 elements)
+    return int(min(CHUNK, max(1024, total_bytes // 400 // n_threads // 8)))
+
+
+def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
+    """The global ``p``-norm (``p`` 2 or inf) of NumPy arrays, as a Python float."""
+    tasks = [c for x in arrays for c in chunks(x)]
+    size = sum(x.size for x in arrays)
+    nbytes = sum(x.nbytes for x in arrays)
+    needs_buf = any(_low(x.dtype) or not (x.flags.c_contiguous or x.flags.f_contiguous)
+                    for x in arrays)
+
+    if math.isinf(p):
+        parts = _run(tasks, lambda ts: [_maxabs(c) for c in ts], size)
+        vals = [v for part in parts for v in part]
+        return math.nan if any(math.isnan(v) for v in vals) else max(vals, default=0.0)
+
+    acc = np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32
+    nbuf = _buffer_size(nbytes, threads()) if needs_buf else 0
+
+    def work(ts: Sequence[np.ndarray]) -> list[tuple[float, float]]:
+        buf = np.empty(nbuf, dtype=acc) if nbuf else None
+        out = []
+        with np.errstate(over="ignore", invalid="ignore"):  # checked in _sumsq
+            for c in ts:
+                if buf is not None and c.size > buf.size:  # longer than the buffer
+                    out.extend(_sumsq(r, buf) for r in _split(c, buf.size))
+                else:
+                    out.append(_sumsq(c, buf))
+        return out
+
+    parts = _run(tasks, work, size)
+    return _combine2([pair for part in parts for pair in part])
+
+
+def _split(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
+    """``c`` (a chunk of a non-contiguous leaf) in pieces of at most ``n`` elements."""
+    if c.ndim <= 1:
+        for i in range(0, c.shape[0] if c.ndim else 1, n):
+            yield c[i : i + n] if c.ndim else c.reshape(1)
+        return
+    for r in c:
+        yield from _split(r, n)
+
+
+def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
+    if not all(_supported(x) for x in tree.leaves):
+        return None  # complex or exotic dtypes: the core
+
+    def norm(tree: _tree.Tree, p: float) -> Any:
+        if p != 2 and not math.isinf(p):
+            from . import _backends, _norms
+
+            with _backends.fast_paths(False):
+                return _norms.tree_norm(tree, p)
+        return np.asarray(norm_of_arrays(tree.leaves, p), dtype=tree.acc_dtype)
+
+    return norm
+
+
+# -- the scaling ----------------------------------------------------------------------
+
+
+def scale_arrays(pairs: Sequence[tuple[np.ndarray, np.ndarray, Any]]) -> None:
+    """``np.multiply(src, s, out=dst)`` for each ``(src, dst, s)``, chunked on threads."""
+    tasks = []
+    size = 0
+    for src, dst, s in pairs:
+        size += src.size
+        if src is dst:
+            tasks.extend((c, c, s) for c in chunks(src))
+        elif src.flags.c_contiguous and dst.flags.c_contiguous:
+            a, b = src.reshape(-1), dst.reshape(-1)
+            tasks.extend((a[i : i + CHUNK], b[i : i + CHUNK], s) for i in range(0, a.size, CHUNK))
+        else:
+            tasks.append((src, dst, s))
+
+    def work(ts: Sequence[tuple[np.ndarray, np.ndarray, Any]]) -> None:
+        for a, b, s in ts:
+            np.multiply(a, s, out=b)
+
+    _run(tasks, work, size)
+
+
+def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
+    if not all(_supported(x) for x in tree.leaves):
+        return None
+
+    def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
+        casts: dict[Any, Any] = {}
+        factors = [_clipping._cast(tree, casts, scale, x) for x in tree.leaves]
+        if inplace:
+            if float(scale) != 1.0:  # x * 1 is x bit for bit: skip the write
+                scale_arrays([(x, x, s) for x, s in zip(tree.leaves, factors)])
+            return tree.leaves
+        outs = [np.empty_like(x, order="C") for x in tree.leaves]
+        scale_arrays([(x, y, s) for x, y, s in zip(tree.leaves, outs, factors)])
+        return outs
+
+    return scale
