@@ -70,8 +70,9 @@ def scale_impl(tree: Any, *, inplace: bool) -> Any:
     return None if mod is None else mod.scale_impl(tree, inplace=inplace)
 
 
-def clip_impl(tree: Any) -> Any:
-    """A function ``(tree, p, max_norm, eps, nonfinite) -> (leaves, norm)`` doing the
-    whole functional clip at once (one compiled call for eager JAX), or ``None``."""
+def clip_impl(tree: Any, *, nonfinite: str) -> Any:
+    """A function ``(tree, p, max_norm, eps) -> (leaves, norm)`` doing the whole
+    functional clip at once (one compiled call for eager JAX), or ``None``."""
     mod = _module(tree)
-    return getattr(mod, "clip_impl", lambda tree: None)(tree) if mod is not None else None
+    impl = getattr(mod, "clip_impl", None)
+    return None if impl is None else impl(tree, nonfinite=nonfinite)

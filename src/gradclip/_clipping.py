@@ -100,6 +100,10 @@ def clip_by_global_norm(
     array([0.4045, 0.809 , 1.2136, 1.6181, 2.0226])
     """
     tree, p, max_norm, nonfinite = _prepare(grads, max_norm, ord, eps, nonfinite, inplace=False)
+    fast = _backends.clip_impl(tree, nonfinite=nonfinite)
+    if fast is not None:  # the whole call compiled at once (eager JAX)
+        leaves, norm = fast(tree, p, max_norm, eps)
+        return tree.unflatten(leaves), norm
     norm = _norms.tree_norm(tree, p)
     scale = _scale(tree, norm, max_norm, eps, nonfinite)
     return tree.unflatten(_apply(tree, scale, norm, nonfinite, inplace=False)), norm
