@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -82,11 +82,18 @@ def chunks(x: np.ndarray) -> Iterator[np.ndarray]:
                 yield x[i : i + step]
 
 
-def _run(tasks: Sequence[Any], work: Callable[[Sequence[Any]], Any], size: int) -> list[Any]:
-    """``work`` over contiguous slices of ``tasks``, one per thread when ``size`` is large."""
+def _all_chunks(arrays: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
+    for x in arrays:
+        yield from chunks(x)
+
+
+def _run(tasks: Iterable[Any], work: Callable[[Iterable[Any]], Any], size: int) -> list[Any]:
+    """``work`` over contiguous slices of ``tasks``, one per thread when ``size`` is large
+    (the tasks are listed only then: one small thread consumes them lazily)."""
     n = threads() if size >= PARALLEL_MIN else 1
-    if n == 1 or len(tasks) < 2:
+    if n == 1:
         return [work(tasks)]
+    tasks = list(tasks)
     cut = [len(tasks) * i // n for i in range(n + 1)]
     parts = [tasks[cut[i] : cut[i + 1]] for i in range(n)]
     return list(_executor().map(work, parts))
@@ -116,11 +123,14 @@ def _sumsq(c: np.ndarray, buf: np.ndarray | None) -> tuple[float, float]:
 
 
 def _combine2(pairs: list[tuple[float, float]]) -> float:
-    big = max(d for d, _ in pairs)
-    total = math.fsum((d / big) ** 2 * s for d, s in pairs if s)
-    if math.isnan(total) or any(math.isnan(s) for _, s in pairs):
+    """``sqrt(sum d**2 * s)`` with the largest ``d`` as the common scale."""
+    pairs = [(d, s) for d, s in pairs if s != 0]  # NaN != 0: kept
+    if not pairs:
+        return 0.0
+    if any(math.isnan(s) for _, s in pairs):
         return math.nan
-    return big * math.sqrt(total)
+    big = max(d for d, _ in pairs)
+    return big * math.sqrt(math.fsum((d / big) ** 2 * s for d, s in pairs))
 
 
 def _maxabs(c: np.ndarray) -> float:
@@ -137,33 +147,42 @@ def _buffer_size(total_bytes: int, n_threads: int) -> int:
 
 def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
     """The global ``p``-norm (``p`` 2 or inf) of NumPy arrays, as a Python float."""
-    tasks = [c for x in arrays for c in chunks(x)]
     size = sum(x.size for x in arrays)
-    nbytes = sum(x.nbytes for x in arrays)
-    needs_buf = any(_low(x.dtype) or not (x.flags.c_contiguous or x.flags.f_contiguous)
-                    for x in arrays)
-
     if math.isinf(p):
-        parts = _run(tasks, lambda ts: [_maxabs(c) for c in ts], size)
-        vals = [v for part in parts for v in part]
-        return math.nan if any(math.isnan(v) for v in vals) else max(vals, default=0.0)
+
+        def maxabs(ts: Iterable[np.ndarray]) -> float:
+            big = 0.0
+            for c in ts:
+                big = max(big, _maxabs(c))
+                if math.isnan(big):
+                    break
+            return big
+
+        vals = _run(_all_chunks(arrays), maxabs, size)
+        return math.nan if any(math.isnan(v) for v in vals) else max(vals)
 
     acc = np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32
-    nbuf = _buffer_size(nbytes, threads()) if needs_buf else 0
+    needs_buf = any(
+        _low(x.dtype) or not (x.flags.c_contiguous or x.flags.f_contiguous) for x in arrays
+    )
+    nbuf = _buffer_size(sum(x.nbytes for x in arrays), threads()) if needs_buf else 0
 
-    def work(ts: Sequence[np.ndarray]) -> list[tuple[float, float]]:
+    def work(ts: Iterable[np.ndarray]) -> list[tuple[float, float]]:
         buf = np.empty(nbuf, dtype=acc) if nbuf else None
-        out = []
+        plain = 0.0  # the sums of chunks that needed no scaling (d = 1)
+        scaled = []
         with np.errstate(over="ignore", invalid="ignore"):  # checked in _sumsq
             for c in ts:
-                if buf is not None and c.size > buf.size:  # longer than the buffer
-                    out.extend(_sumsq(r, buf) for r in _split(c, buf.size))
-                else:
-                    out.append(_sumsq(c, buf))
-        return out
+                pieces = _split(c, buf.size) if buf is not None and c.size > buf.size else (c,)
+                for piece in pieces:
+                    d, v = _sumsq(piece, buf)
+                    if d == 1.0:
+                        plain += v
+                    else:
+                        scaled.append((d, v))
+        return [(1.0, plain), *scaled]
 
-    parts = _run(tasks, work, size)
-    return _combine2([pair for part in parts for pair in part])
+    return _combine2([pair for part in _run(_all_chunks(arrays), work, size) for pair in part])
 
 
 def _split(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
@@ -196,23 +215,24 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
 
 def scale_arrays(pairs: Sequence[tuple[np.ndarray, np.ndarray, Any]]) -> None:
     """``np.multiply(src, s, out=dst)`` for each ``(src, dst, s)``, chunked on threads."""
-    tasks = []
-    size = 0
-    for src, dst, s in pairs:
-        size += src.size
-        if src is dst:
-            tasks.extend((c, c, s) for c in chunks(src))
-        elif src.flags.c_contiguous and dst.flags.c_contiguous:
-            a, b = src.reshape(-1), dst.reshape(-1)
-            tasks.extend((a[i : i + CHUNK], b[i : i + CHUNK], s) for i in range(0, a.size, CHUNK))
-        else:
-            tasks.append((src, dst, s))
 
-    def work(ts: Sequence[tuple[np.ndarray, np.ndarray, Any]]) -> None:
+    def tasks() -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+        for src, dst, s in pairs:
+            if src is dst:
+                for c in chunks(src):
+                    yield c, c, s
+            elif src.flags.c_contiguous and dst.flags.c_contiguous:
+                a, b = src.reshape(-1), dst.reshape(-1)
+                for i in range(0, a.size, CHUNK):
+                    yield a[i : i + CHUNK], b[i : i + CHUNK], s
+            else:
+                yield src, dst, s
+
+    def work(ts: Iterable[tuple[np.ndarray, np.ndarray, Any]]) -> None:
         for a, b, s in ts:
             np.multiply(a, s, out=b)
 
-    _run(tasks, work, size)
+    _run(tasks(), work, sum(src.size for src, _, _ in pairs))
 
 
 def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
@@ -221,7 +241,9 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
 
     def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
         casts: dict[Any, Any] = {}
-        factors = [_clipping._cast(tree, casts, scale, x) for x in tree.leaves]
+        by_dtype = {x.dtype: x for x in tree.leaves}
+        per_dtype = {dt: _clipping._cast(tree, casts, scale, x) for dt, x in by_dtype.items()}
+        factors = [per_dtype[x.dtype] for x in tree.leaves]
         if inplace:
             if float(scale) != 1.0:  # x * 1 is x bit for bit: skip the write
                 scale_arrays([(x, x, s) for x, s in zip(tree.leaves, factors)])

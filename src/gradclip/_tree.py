@@ -46,9 +46,25 @@ def _size(x: Any) -> int:
     return math.prod(int(s) for s in x.shape) if x.shape else 1
 
 
+_KINDS: dict[tuple[Any, Any], str] = {}
+
+
 def dtype_kind(xp: Any, dt: Any) -> str:
     """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"int"``,
-    ``"bool"`` or ``"other"``."""
+    ``"bool"`` or ``"other"`` (cached: it runs once per leaf per call)."""
+    try:
+        return _KINDS[(xp, dt)]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype
+        pass
+    kind = _dtype_kind(xp, dt)
+    try:
+        _KINDS[(xp, dt)] = kind
+    except TypeError:
+        pass
+    return kind
+
+
+def _dtype_kind(xp: Any, dt: Any) -> str:
     name = str(getattr(dt, "name", dt)).rsplit(".", 1)[-1]
     if name in ("float16", "bfloat16") or name.startswith("float8"):
         return "low"
