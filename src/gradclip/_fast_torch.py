@@ -19,29 +19,43 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from . import _clipping, _compat, _norms, _tree
+from . import _clipping, _compat, _fast_numpy, _norms, _tree
 
 __all__ = ["global_norm_impl", "leaf_terms", "scale_impl"]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+_last: tuple[Any, str | None] = (None, None)  # (tree, kind): the norm and the scale ask both
 
 
-def _eager(tree: _tree.Tree) -> bool:
-    """No ``torch.compile`` tracing, no autograd history, no ``torch.func`` wrappers."""
+def _kind(tree: _tree.Tree) -> str | None:
+    """``"host"`` for plain eager CPU tensors, ``"device"`` for other eager tensors,
+    ``None`` where the core must run (traced, autograd history, other dtypes)."""
+    global _last
+    last_tree, last_kind = _last
+    if last_tree is tree:
+        return last_kind
+    kind = _find_kind(tree)
+    _last = (tree, kind)
+    return kind
+
+
+def _find_kind(tree: _tree.Tree) -> str | None:
     if _compat.is_lazy(tree.leaves[0]):
-        return False
+        return None
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return not any(x.requires_grad or wrapped(x) for x in tree.leaves)
-
-
-def _on_host(tree: _tree.Tree) -> bool:
-    return all(type(x) is torch.Tensor and x.device.type == "cpu" for x in tree.leaves)
+    host = True
+    for x in tree.leaves:
+        if x.dtype not in _FLOATS or x.requires_grad or wrapped(x):
+            return None
+        host = host and type(x) is torch.Tensor and x.is_cpu
+    if host and any(x.dtype == torch.bfloat16 for x in tree.leaves):
+        host = _importable("ml_dtypes")
+    return "host" if host else "device"
 
 
 def _numpy_view(x: torch.Tensor) -> Any:
@@ -87,11 +101,9 @@ def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
 
 
 def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
-    if not all(x.dtype in _FLOATS for x in tree.leaves) or not _eager(tree):
+    kind = _kind(tree)
+    if kind is None:
         return None
-    host = _on_host(tree)
-    if host and any(x.dtype == torch.bfloat16 for x in tree.leaves):
-        host = "ml_dtypes" in sys.modules or _importable("ml_dtypes")
 
     def norm(tree: _tree.Tree, p: float) -> Any:
         if p != 2 and not math.isinf(p):
@@ -99,9 +111,7 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
 
             with _backends.fast_paths(False):
                 return _norms.tree_norm(tree, p)
-        if host:
-            from . import _fast_numpy
-
+        if kind == "host":
             value = _fast_numpy.norm_of_arrays([_numpy_view(x) for x in tree.leaves], p)
             return torch.tensor(value, dtype=tree.acc_dtype)
         return _norms._combine(tree, leaf_terms(tree, p), p)
@@ -122,20 +132,27 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
         return None
     if not inplace and any(x.requires_grad for x in tree.leaves):
         return None  # keep the core's differentiable ops
+    host = inplace and _kind(tree) == "host"
 
     def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
         casts: dict[Any, Any] = {}
         out: list[Any] = list(tree.leaves)
-        for idx in _groups(tree.leaves).values():
+        for (_, dtype), idx in _groups(tree.leaves).items():
             xs = [tree.leaves[i] for i in idx]
             s = _clipping._cast(tree, casts, scale, xs[0])
-            if inplace:
+            if host and dtype in (torch.float32, torch.float64):
+                # CPU memory: NumPy's threaded chunks beat torch's CPU mul_ (same IEEE
+                # product); x * 1 is x, so a scale of 1 writes nothing
+                f = s.numpy()
+                if f != 1:
+                    _fast_numpy.scale_arrays([(v, v, f) for v in map(_numpy_view, xs)])
+            elif inplace:
                 torch._foreach_mul_(xs, s)
-                continue
-            low = s.dtype != xs[0].dtype  # 16-bit leaves: multiply in float32, round once
-            ys = torch._foreach_mul([x.to(s.dtype) for x in xs] if low else xs, s)
-            for i, y in zip(idx, ys):
-                out[i] = y.to(xs[0].dtype) if low else y
+            else:
+                low = s.dtype != dtype  # 16-bit leaves: multiply in float32, round once
+                ys = torch._foreach_mul([x.to(s.dtype) for x in xs] if low else xs, s)
+                for i, y in zip(idx, ys):
+                    out[i] = y.to(dtype) if low else y
         return out
 
     return scale
