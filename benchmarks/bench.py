@@ -267,8 +267,12 @@ def measure(call: Call, library: str, warmup: int, repeats: int) -> dict[str, An
         mem, how = _tracemalloc_peak(lambda: call(k)), "tracemalloc"
     else:
         mem, how = _rss_peak_delta(lambda: call(k)), "rss-hwm"
-    return {"median_ms": statistics.median(times) * 1e3, "times_ms": [t * 1e3 for t in times],
-            "extra_bytes": mem, "memory_method": how}
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "times_ms": [t * 1e3 for t in times],
+        "extra_bytes": mem,
+        "memory_method": how,
+    }
 
 
 # -- goals -------------------------------------------------------------------------------
@@ -276,24 +280,60 @@ def measure(call: Call, library: str, warmup: int, repeats: int) -> dict[str, An
 # (label, numerator, denominator, {set: bound}) ; "bytes" as denominator means the
 # numerator's extra memory over the gradients' bytes
 GOALS = [
-    ("torch vs torch foreach", "gradclip torch (in place)", "torch clip_grad_norm_ (foreach=True)",
-     {"gpt2-small": 0.85, "resnet-50": 0.85, "2000x256": 0.8}),
-    ("numpy vs floor", "gradclip numpy (in place)", "floor (sum + mul_, flat)",
-     {"gpt2-small": 1.25, "resnet-50": 1.25}),
-    ("numpy vs torch foreach", "gradclip numpy (in place)", "torch clip_grad_norm_ (foreach=True)",
-     {"gpt2-small": 1.10, "resnet-50": 1.10, "2000x256": 1.10}),
-    ("jax jit vs optax jit", "gradclip jax (jit)", "optax clip_by_global_norm (jit)",
-     {"gpt2-small": 0.70, "resnet-50": 0.70, "2000x256": 1.0}),
-    ("jax eager vs jax jit", "gradclip jax (eager)", "gradclip jax (jit)",
-     {"gpt2-small": 1.30, "resnet-50": 1.30, "2000x256": 1.30}),
-    ("numpy extra memory / grads", "gradclip numpy (in place)", "bytes",
-     {"gpt2-small": 0.01, "resnet-50": 0.01, "2000x256": 0.01}),
-    ("torch extra memory / grads", "gradclip torch (in place)", "bytes",
-     {"gpt2-small": 0.01, "resnet-50": 0.01, "2000x256": 0.01}),
-    ("torch-cuda vs torch-cuda foreach", "gradclip torch-cuda (in place)",
-     "torch-cuda clip_grad_norm_ (foreach=True)", {"gpt2-small": 1.0, "resnet-50": 1.0, "2000x256": 1.0}),
-    ("cupy vs cupy floor", "gradclip cupy (in place)", "floor cupy (sum + mul, flat)",
-     {"gpt2-small": 1.2, "resnet-50": 1.2, "2000x256": 1.2}),
+    (
+        "torch vs torch foreach",
+        "gradclip torch (in place)",
+        "torch clip_grad_norm_ (foreach=True)",
+        {"gpt2-small": 0.85, "resnet-50": 0.85, "2000x256": 0.8},
+    ),
+    (
+        "numpy vs floor",
+        "gradclip numpy (in place)",
+        "floor (sum + mul_, flat)",
+        {"gpt2-small": 1.25, "resnet-50": 1.25},
+    ),
+    (
+        "numpy vs torch foreach",
+        "gradclip numpy (in place)",
+        "torch clip_grad_norm_ (foreach=True)",
+        {"gpt2-small": 1.10, "resnet-50": 1.10, "2000x256": 1.10},
+    ),
+    (
+        "jax jit vs optax jit",
+        "gradclip jax (jit)",
+        "optax clip_by_global_norm (jit)",
+        {"gpt2-small": 0.70, "resnet-50": 0.70, "2000x256": 1.0},
+    ),
+    (
+        "jax eager vs jax jit",
+        "gradclip jax (eager)",
+        "gradclip jax (jit)",
+        {"gpt2-small": 1.30, "resnet-50": 1.30, "2000x256": 1.30},
+    ),
+    (
+        "numpy extra memory / grads",
+        "gradclip numpy (in place)",
+        "bytes",
+        {"gpt2-small": 0.01, "resnet-50": 0.01, "2000x256": 0.01},
+    ),
+    (
+        "torch extra memory / grads",
+        "gradclip torch (in place)",
+        "bytes",
+        {"gpt2-small": 0.01, "resnet-50": 0.01, "2000x256": 0.01},
+    ),
+    (
+        "torch-cuda vs torch-cuda foreach",
+        "gradclip torch-cuda (in place)",
+        "torch-cuda clip_grad_norm_ (foreach=True)",
+        {"gpt2-small": 1.0, "resnet-50": 1.0, "2000x256": 1.0},
+    ),
+    (
+        "cupy vs cupy floor",
+        "gradclip cupy (in place)",
+        "floor cupy (sum + mul, flat)",
+        {"gpt2-small": 1.2, "resnet-50": 1.2, "2000x256": 1.2},
+    ),
 ]
 
 
@@ -310,8 +350,14 @@ def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[
         else:
             value = runs[num]["median_ms"] / runs[den]["median_ms"]
         goal = bounds.get(set_name)
-        out.append({"goal": label, "ratio": value, "bound": goal,
-                    "met": None if goal is None else bool(value <= goal)})
+        out.append(
+            {
+                "goal": label,
+                "ratio": value,
+                "bound": goal,
+                "met": None if goal is None else bool(value <= goal),
+            }
+        )
     return out
 
 
@@ -328,9 +374,14 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     info: dict[str, Any] = {
-        "cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-        "gradclip": gradclip.__version__, "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "gradclip": gradclip.__version__,
+        "platform": platform.platform(),
     }
     for name in ("torch", "jax", "jaxlib", "optax", "cupy"):
         mod = sys.modules.get(name) or _importable(name)
@@ -348,10 +399,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run(sets: list[str], dtypes: list[str], warmup: int, repeats: int, smoke: bool = False,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
-    result: dict[str, Any] = {"machine": machine(), "warmup": warmup, "repeats": repeats,
-                              "smoke": smoke, "results": []}
+def run(
+    sets: list[str],
+    dtypes: list[str],
+    warmup: int,
+    repeats: int,
+    smoke: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "warmup": warmup,
+        "repeats": repeats,
+        "smoke": smoke,
+        "results": [],
+    }
     for set_name in sets:
         shape_list = shape_sets.SETS[set_name]()
         if smoke:  # tiny: the same structure, a few elements per tensor
@@ -364,9 +426,15 @@ def run(sets: list[str], dtypes: list[str], warmup: int, repeats: int, smoke: bo
             for name, (library, call) in cases(data, dtype, norm0).items():
                 runs[name] = measure(call, library, warmup, repeats)
                 runs[name]["library"] = library
-            entry = {"set": set_name, "dtype": dtype, "tensors": len(data),
-                     "elements": sum(x.size for x in data), "bytes": nbytes, "runs": runs,
-                     "ratios": ratios(runs, nbytes, set_name)}
+            entry = {
+                "set": set_name,
+                "dtype": dtype,
+                "tensors": len(data),
+                "elements": sum(x.size for x in data),
+                "bytes": nbytes,
+                "runs": runs,
+                "ratios": ratios(runs, nbytes, set_name),
+            }
             result["results"].append(entry)
             log(table(entry))
             del data, runs
@@ -379,9 +447,11 @@ def run(sets: list[str], dtypes: list[str], warmup: int, repeats: int, smoke: bo
 
 
 def table(entry: dict[str, Any]) -> str:
-    lines = [f"\n{entry['set']}  {entry['dtype']}  ({entry['tensors']} tensors, "
-             f"{entry['elements'] / 1e6:.2f} M elements, {entry['bytes'] / 2**20:.1f} MiB)",
-             f"  {'call':<44}{'median ms':>11}{'extra memory':>16}  method"]
+    lines = [
+        f"\n{entry['set']}  {entry['dtype']}  ({entry['tensors']} tensors, "
+        f"{entry['elements'] / 1e6:.2f} M elements, {entry['bytes'] / 2**20:.1f} MiB)",
+        f"  {'call':<44}{'median ms':>11}{'extra memory':>16}  method",
+    ]
     for name, r in entry["runs"].items():
         mem = "-" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**10:,.0f} KiB"
         lines.append(f"  {name:<44}{r['median_ms']:>11.2f}{mem:>16}  {r['memory_method']}")
@@ -400,8 +470,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     entries = result["results"]
-    labels = sorted({g["goal"] for e in entries for g in e["ratios"]},
-                    key=[g[0] for g in GOALS].index)
+    labels = sorted(
+        {g["goal"] for e in entries for g in e["ratios"]}, key=[g[0] for g in GOALS].index
+    )
     fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.6), squeeze=False)
     for ax, label in zip(axes[0], labels):
         names, values, bounds = [], [], []
@@ -411,7 +482,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     names.append(f"{e['set']}\n{e['dtype']}")
                     values.append(g["ratio"])
                     bounds.append(g["bound"])
-        colors = ["tab:green" if b is None or v <= b else "tab:red" for v, b in zip(values, bounds)]
+        colors = [
+            "tab:green" if b is None or v <= b else "tab:red" for v, b in zip(values, bounds)
+        ]
         ax.bar(range(len(values)), values, color=colors)
         for i, b in enumerate(bounds):
             if b is not None:
@@ -420,8 +493,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(label, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     m = result["machine"]
-    fig.suptitle(f"gradclip: ratios (lower is better; dashed: goal) - {m['cpu']}, "
-                 f"{m['cores']} cores", fontsize=9)
+    fig.suptitle(
+        f"gradclip: ratios (lower is better; dashed: goal) - {m['cpu']}, {m['cores']} cores",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -439,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--docs", action="store_true", help="also write docs/bench.json and the plot")
     args = ap.parse_args(argv)
-    result = run(args.sets.split(","), args.dtypes.split(","), args.warmup, args.repeats,
-                 smoke=args.smoke)
+    result = run(
+        args.sets.split(","), args.dtypes.split(","), args.warmup, args.repeats, smoke=args.smoke
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -25,7 +25,11 @@ from . import _backends, _clipping, _norms, _tree
 
 __all__ = ["clip_impl", "global_norm_impl", "scale_impl"]
 
-_BOUNDS = {jnp.dtype(jnp.float32): (2.0**-60, 2.0**120), jnp.dtype(jnp.float64): (2.0**-900, 2.0**900)}
+# sums of squares inside these bounds lost nothing to overflow or underflow
+_BOUNDS = {
+    jnp.dtype(jnp.float32): (2.0**-60, 2.0**120),
+    jnp.dtype(jnp.float64): (2.0**-900, 2.0**900),
+}
 _REAL = {jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)}
 
 
@@ -106,4 +110,3 @@ def clip_impl(tree: _tree.Tree, *, nonfinite: str) -> Callable[..., Any] | None:
         return _jitted_clip(p, float(eps), nonfinite)(tree.leaves, max_norm)
 
     return clip
-

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,8 @@ from . import _clipping, _compat, _fast_numpy, _norms, _tree
 __all__ = ["global_norm_impl", "leaf_terms", "scale_impl"]
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-_last: tuple[Any, str | None] = (None, None)  # (tree, kind): the norm and the scale ask both
+# (weak reference to the tree, its kind): the norm and the scaling of one call both ask
+_last: tuple[Any, str | None] = (lambda: None, None)
 
 
 def _kind(tree: _tree.Tree) -> str | None:
@@ -37,10 +39,10 @@ def _kind(tree: _tree.Tree) -> str | None:
     ``None`` where the core must run (traced, autograd history, other dtypes)."""
     global _last
     last_tree, last_kind = _last
-    if last_tree is tree:
+    if last_tree() is tree:
         return last_kind
     kind = _find_kind(tree)
-    _last = (tree, kind)
+    _last = (weakref.ref(tree), kind)
     return kind
 
 
@@ -96,8 +98,10 @@ def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
         scaled = torch._foreach_div(xs, ds)
         for i, m, n in zip(idx, ms, torch._foreach_norm(scaled, 2, dtype=acc)):
             terms[i] = (m, n * n)
-    return [(_norms._to_common_device(tree, m), s if s is None else
-             _norms._to_common_device(tree, s)) for m, s in terms]
+    return [
+        (_norms._to_common_device(tree, m), s if s is None else _norms._to_common_device(tree, s))
+        for m, s in terms
+    ]
 
 
 def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:

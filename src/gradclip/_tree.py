@@ -8,6 +8,7 @@ and namedtuples their type, which ``jax.tree_util`` alone would not guarantee.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -57,10 +58,8 @@ def dtype_kind(xp: Any, dt: Any) -> str:
     except (KeyError, TypeError):  # TypeError: an unhashable dtype
         pass
     kind = _dtype_kind(xp, dt)
-    try:
+    with contextlib.suppress(TypeError):
         _KINDS[(xp, dt)] = kind
-    except TypeError:
-        pass
     return kind
 
 
