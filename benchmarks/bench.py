@@ -21,6 +21,7 @@ so those figures are lower bounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc as _gc
 import json
 import math
@@ -37,9 +38,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shapes as shape_sets  # noqa: E402
+import shapes as shape_sets
 
-import gradclip  # noqa: E402
+import gradclip
 
 ROOT = Path(__file__).resolve().parent.parent
 Call = Callable[[int], Any]  # call k (0, 1, ...) -> result to wait for
@@ -175,8 +176,7 @@ def cases(data: list[np.ndarray], dtype: str, norm0: float) -> dict[str, tuple[s
 
         def cfloor(k: int) -> Any:
             cflat.sum()
-            cflat *= 0.5
-            return cflat
+            return cp.multiply(cflat, 0.5, out=cflat)
 
         out["floor cupy (sum + mul, flat)"] = ("cupy", cfloor)
     return out
@@ -215,10 +215,8 @@ def _wait(result: Any) -> None:
         torch.cuda.synchronize()
     cp = mods.get("cupy")
     if cp is not None:
-        try:
+        with contextlib.suppress(Exception):
             cp.cuda.Device().synchronize()
-        except Exception:
-            pass
 
 
 def _rss_peak_delta(call: Callable[[], Any]) -> int | None:
@@ -392,10 +390,8 @@ def machine() -> dict[str, Any]:
         info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
-    try:
+    with contextlib.suppress(OSError):
         info["load_before"] = os.getloadavg()
-    except OSError:
-        pass
     return info
 
 
@@ -439,10 +435,8 @@ def run(
             log(table(entry))
             del data, runs
             _gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         result["machine"]["load_after"] = os.getloadavg()
-    except OSError:
-        pass
     return result
 
 

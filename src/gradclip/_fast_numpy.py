@@ -153,9 +153,10 @@ def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
         def maxabs(ts: Iterable[np.ndarray]) -> float:
             big = 0.0
             for c in ts:
-                big = max(big, _maxabs(c))
-                if math.isnan(big):
-                    break
+                v = _maxabs(c)
+                if math.isnan(v):  # max() would drop it
+                    return v
+                big = max(big, v)
             return big
 
         vals = _run(_all_chunks(arrays), maxabs, size)
