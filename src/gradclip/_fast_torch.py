@@ -80,6 +80,13 @@ def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
     acc = tree.acc_dtype
     terms: list[Any] = [None] * len(tree.leaves)
     for (_, dtype), idx in _groups(tree.leaves).items():
+        empty = [i for i in idx if tree.leaves[i].numel() == 0]
+        for i in empty:  # no elements: m = s = 0 (the inf-norm has no identity)
+            zero = torch.zeros((), dtype=acc, device=tree.leaves[i].device)
+            terms[i] = (zero, None if math.isinf(p) else zero)
+        idx = [i for i in idx if tree.leaves[i].numel() > 0]
+        if not idx:
+            continue
         xs = [tree.leaves[i] for i in idx]
         if dtype == torch.float16 and not math.isinf(p):
             # squares of float16 fit float32: one pass; n = d * sqrt(s) with d = n, s = 1
