@@ -34,11 +34,12 @@ _REAL = {jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.floa
 
 
 def _real(tree: _tree.Tree) -> bool:
-    return all(jnp.dtype(x.dtype) in _REAL for x in tree.leaves)
+    return all(jnp.dtype(dt) in _REAL for dt in {x.dtype: None for x in tree.leaves})
 
 
 def _traced(tree: _tree.Tree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in tree.leaves)
+    tracer = jax.core.Tracer
+    return any(isinstance(x, tracer) for x in tree.leaves)
 
 
 def _core_norm(tree: _tree.Tree, p: float) -> Any:
@@ -46,20 +47,28 @@ def _core_norm(tree: _tree.Tree, p: float) -> Any:
         return _norms.tree_norm(tree, p)
 
 
+SMALL = 1 << 16  # leaves up to this size are concatenated: one reduction, not thousands
+
+
 def traced_norm(tree: _tree.Tree, p: float) -> Any:
     """The global norm of a (traced or concrete) tree, to a few ulps of the core."""
     if p != 2:
         return _core_norm(tree, p)
     acc = jnp.dtype(tree.acc_dtype)
-    fast = sum(jnp.sum(jnp.square(x.astype(acc))) for x in tree.leaves)
+    small = [x.astype(acc).reshape(-1) for x in tree.leaves if x.size <= SMALL]
+    parts = [x for x in tree.leaves if x.size > SMALL]
+    if small:
+        parts.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+    fast = sum(jnp.sum(jnp.square(x.astype(acc))) for x in parts)
     lo, hi = _BOUNDS[acc]
     ok = (fast >= lo) & (fast <= hi)  # False for inf and NaN
 
-    def exact() -> Any:
-        # the core on the same leaves, only when the sum may have lost something
-        return _core_norm(tree, p)
+    def exact(parts: list[Any]) -> Any:
+        # the core on the same elements, only when the sum may have lost something
+        return _core_norm(_tree.flatten(parts), p)
 
-    return jax.lax.cond(ok, lambda: jnp.sqrt(fast), exact)
+    # the parts as explicit operands: few (one for all the small leaves), not one per leaf
+    return jax.lax.cond(ok, lambda parts: jnp.sqrt(fast), exact, parts)
 
 
 @functools.cache

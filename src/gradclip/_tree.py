@@ -174,7 +174,7 @@ def flatten(
                 f"{paths[i]} has dtype {leaves[i].dtype}, but gradients must be "
                 f"floating point{hint}"
             )
-    acc = _compat.accumulation_dtype(xp, [x.dtype for x in leaves])
+    acc = _compat.accumulation_dtype(xp, {x.dtype: None for x in leaves})  # unique dtypes
     return Tree(leaves, paths, xp, acc, dev, rebuild)
 
 
