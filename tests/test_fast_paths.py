@@ -297,3 +297,51 @@ def test_jax_eager_call_is_compiled_once():
     jitted, n3 = jax.jit(lambda g: gc.clip_by_global_norm(g, 0.5))(g)
     assert float(n3) == float(n2)
     np.testing.assert_array_equal(np.asarray(jitted["a"]), np.asarray(out2["a"]))
+
+
+# -- CuPy: the planning and the kernel's arithmetic, on the CPU --------------------------------
+
+
+def test_cupy_plan_covers_every_element_once():
+    from gradclip import _fast_cupy
+
+    sizes = [0, 1, 8191, 8192, 8193, 50_000, 3]
+    pl = _fast_cupy.plan(sizes, list(range(len(sizes))), block=8192)
+    seen = [np.zeros(n, dtype=int) for n in sizes]
+    for leaf, lo in zip(pl.leaf, pl.start):
+        seen[leaf][lo : min(lo + 8192, sizes[leaf])] += 1
+    assert all((s == 1).all() for s in seen)
+    assert pl.leaf.size == sum(-(-n // 8192) for n in sizes)
+    g = _fast_cupy.groups(["float32", "float16", "float32"], [5, 6, 7])
+    assert [(k, v.indices) for k, v in g.items()] == [("float32", [0, 2]), ("float16", [1])]
+
+
+@pytest.mark.parametrize("p", [2, math.inf])
+@pytest.mark.parametrize(
+    "values",
+    ["random", [3e30, 4e30], [1.0, np.inf], [np.nan, np.inf], [0.0, 0.0], [3e-30, 1e-30]],
+)
+def test_cupy_block_terms_combine_to_the_core(values, p):
+    """The terms kernel, emulated in NumPy, combined on device-style arrays == the core."""
+    from gradclip import _fast_cupy
+
+    rng = np.random.default_rng(9)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (20_000, 5, 8192)]
+    if values != "random":
+        arrays.append(np.array(values, dtype=np.float32))
+    arrays.append(rng.standard_normal(300).astype(np.float16))
+    pl = _fast_cupy.plan([a.size for a in arrays], list(range(len(arrays))))
+    ms, ss = _fast_cupy.emulate_terms(arrays, pl, np.float32)
+    got = float(_fast_cupy.combine(np, ms, ss, p))
+    with _backends.fast_paths(False):
+        want = float(gc.global_norm(arrays, ord=p))
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=ULPS * 2e-7)
+
+
+def test_cupy_kernel_sources_format():
+    from gradclip import _fast_cupy
+
+    for dt, (t, acc) in _fast_cupy._CTYPES.items():
+        for src in (_fast_cupy._TERMS_SRC, _fast_cupy._SCALE_SRC):
+            code = src.format(name=dt, t=t, acc=acc, threads=_fast_cupy.THREADS)
+            assert "gradclip_" in code and "{" in code and "{{" not in code
