@@ -7,9 +7,10 @@ medians, the ratios the project's goals are stated in, and the peak extra memory
 of each call. It writes a JSON file and a PNG plot to ``benchmarks/results/``
 (``--docs`` also to ``docs/bench.json`` and ``docs/img/bench.png``).
 
-Every in-place call clips: call ``k`` uses ``max_norm = norm0 / 2**(k+1)``, so the
-gradients are halved each time (no call is a no-op). Functional calls leave the
-data alone and use ``norm0 / 2``.
+Every in-place call clips: each uses half the gradients' current norm as
+``max_norm``, so the gradients are halved each time (no call is a no-op; they are
+scaled back exactly between cases). Functional calls leave the data alone and use
+``norm0 / 2``.
 
 Memory: NumPy calls are measured with ``tracemalloc`` (NumPy reports its buffers
 to it); every other call with the growth of the process's peak resident set
@@ -107,12 +108,34 @@ def _plain_numpy(grads: list[np.ndarray], max_norm: float) -> float:
     return norm
 
 
-def cases(data: list[np.ndarray], dtype: str, norm0: float) -> dict[str, tuple[str, Call]]:
+class Halver:
+    """``max_norm`` for in-place calls on the shared gradients: half their current norm.
+
+    Every in-place call halves the gradients (NumPy and torch cases share memory), so
+    the next call's threshold is half again; :meth:`restore` scales the gradients back
+    (by a power of 2: exact) between cases.
+    """
+
+    def __init__(self, data: list[Any], norm0: float) -> None:
+        self.data, self.norm0, self.n = data, norm0, 0
+        self.others: list[Halver] = []  # copies elsewhere (CUDA) halved on their own
+
+    def __call__(self, k: int) -> float:
+        self.n += 1
+        return self.norm0 / 2.0**self.n
+
+    def restore(self) -> None:
+        for x in self.data:
+            x *= 2.0**self.n  # a weak Python scalar: the leaves' own dtype, exact
+        self.n = 0
+        for h in self.others:
+            h.restore()
+
+
+def cases(data: list[np.ndarray], dtype: str, half: Halver) -> dict[str, tuple[str, Call]]:
     """name -> (library, call) for every installed backend and peer."""
     out: dict[str, tuple[str, Call]] = {}
-
-    def half(k: int) -> float:
-        return norm0 / 2.0 ** (k + 1)
+    norm0 = half.norm0
 
     out["gradclip numpy (in place)"] = (
         "numpy",
@@ -147,7 +170,7 @@ def cases(data: list[np.ndarray], dtype: str, norm0: float) -> dict[str, tuple[s
 
         out["floor (sum + mul_, flat)"] = ("floor", floor)
         if _cuda(torch):
-            out.update(_cuda_cases(torch, data, norm0))
+            out.update(_cuda_cases(torch, data, half))
 
     jax = _importable("jax")
     if jax is not None:
@@ -169,9 +192,11 @@ def cases(data: list[np.ndarray], dtype: str, norm0: float) -> dict[str, tuple[s
     if cp is not None and dtype != "bfloat16":
         cg = [cp.asarray(x) for x in data]
         cflat = cp.zeros(sum(x.size for x in data), dtype=cg[0].dtype)
+        cu_half = Halver(cg, norm0)
+        half.others.append(cu_half)
         out["gradclip cupy (in place)"] = (
             "cupy",
-            lambda k: gradclip.clip_by_global_norm_(cg, half(k), eps=1e-6),
+            lambda k: gradclip.clip_by_global_norm_(cg, cu_half(k), eps=1e-6),
         )
 
         def cfloor(k: int) -> Any:
@@ -182,7 +207,7 @@ def cases(data: list[np.ndarray], dtype: str, norm0: float) -> dict[str, tuple[s
     return out
 
 
-def _cuda_cases(torch: Any, data: list[np.ndarray], norm0: float) -> dict[str, tuple[str, Call]]:
+def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, tuple[str, Call]]:
     ts = [_torch_view(torch, x).cuda() for x in data]
     params = []
     for t in ts:
@@ -191,14 +216,16 @@ def _cuda_cases(torch: Any, data: list[np.ndarray], norm0: float) -> dict[str, t
         )
         p.grad = t
         params.append(p)
+    cuda_half = Halver(ts, half.norm0)
+    half.others.append(cuda_half)
     return {
         "gradclip torch-cuda (in place)": (
             "cuda",
-            lambda k: gradclip.clip_by_global_norm_(ts, norm0 / 2.0 ** (k + 1), eps=1e-6),
+            lambda k: gradclip.clip_by_global_norm_(ts, cuda_half(k), eps=1e-6),
         ),
         "torch-cuda clip_grad_norm_ (foreach=True)": (
             "cuda",
-            lambda k: torch.nn.utils.clip_grad_norm_(params, norm0 / 2.0 ** (k + 1), foreach=True),
+            lambda k: torch.nn.utils.clip_grad_norm_(params, cuda_half(k), foreach=True),
         ),
     }
 
@@ -417,11 +444,12 @@ def run(
         for dtype in dtypes:
             data = _make_data(shape_list, dtype)
             nbytes = sum(x.nbytes for x in data)
-            norm0 = float(gradclip.global_norm(data))
+            half = Halver(data, float(gradclip.global_norm(data)))
             runs = {}
-            for name, (library, call) in cases(data, dtype, norm0).items():
+            for name, (library, call) in cases(data, dtype, half).items():
                 runs[name] = measure(call, library, warmup, repeats)
                 runs[name]["library"] = library
+                half.restore()
             entry = {
                 "set": set_name,
                 "dtype": dtype,
