@@ -282,12 +282,16 @@ def measure(call: Call, library: str, warmup: int, repeats: int) -> dict[str, An
         _wait(call(k))
         k += 1
     times = []
-    for _ in range(repeats):
-        _gc.collect()
-        t0 = time.perf_counter()
-        _wait(call(k))
-        times.append(time.perf_counter() - t0)
-        k += 1
+    _gc.collect()
+    _gc.disable()  # as timeit does: no collection inside a timed call
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _wait(call(k))
+            times.append(time.perf_counter() - t0)
+            k += 1
+    finally:
+        _gc.enable()
     if library == "numpy":
         mem, how = _tracemalloc_peak(lambda: call(k)), "tracemalloc"
     else:
