@@ -65,7 +65,7 @@ def _supported(x: Any) -> bool:
 
 def chunks(x: np.ndarray) -> Iterator[np.ndarray]:
     """Views of ``x`` of at most ``CHUNK`` elements that cover it once."""
-    if x.ndim == 1 and x.size <= CHUNK and x.flags.c_contiguous:  # the common small leaf
+    if x.ndim == 1 and 0 < x.size <= CHUNK and x.flags.c_contiguous:  # a small leaf
         yield x
     elif x.ndim == 0:
         yield x.reshape(1)
