@@ -499,8 +499,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = sorted(
         {g["goal"] for e in entries for g in e["ratios"]}, key=[g[0] for g in GOALS].index
     )
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.6), squeeze=False)
-    for ax, label in zip(axes[0], labels):
+    ncols = min(4, len(labels))
+    nrows = -(-len(labels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(labels) :]:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
         names, values, bounds = [], [], []
         for e in entries:
             for g in e["ratios"]:
@@ -517,6 +521,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.hlines(b, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
         ax.set_xticks(range(len(values)), names, fontsize=6, rotation=90)
         ax.set_title(label, fontsize=8)
+        if max(values) > 20 * min(v for v in values if v > 0) if any(values) else False:
+            ax.set_yscale("log")
         ax.tick_params(axis="y", labelsize=7)
     m = result["machine"]
     fig.suptitle(
