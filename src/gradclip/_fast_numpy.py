@@ -142,9 +142,10 @@ def _maxabs(c: np.ndarray) -> float:
     return max(hi, -lo)
 
 
-def _buffer_size(total_bytes: int, n_threads: int) -> int:
-    # at most 0.25 % of the gradients' bytes for all buffers together (>= 1024 elements)
-    return int(min(CHUNK, max(1024, total_bytes // 400 // n_threads // 8)))
+def _buffer_size(total_bytes: int, n_threads: int, itemsize: int) -> int:
+    # at most 0.25 % of the gradients' bytes for all buffers together (>= 1024 elements);
+    # larger pieces convert faster (16-bit leaves), so take all of that
+    return int(min(CHUNK, max(1024, total_bytes // 400 // n_threads // itemsize)))
 
 
 def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
@@ -168,7 +169,8 @@ def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
     needs_buf = any(
         _low(x.dtype) or not (x.flags.c_contiguous or x.flags.f_contiguous) for x in arrays
     )
-    nbuf = _buffer_size(sum(x.nbytes for x in arrays), threads()) if needs_buf else 0
+    nbuf = _buffer_size(sum(x.nbytes for x in arrays), threads(), np.dtype(acc).itemsize)
+    nbuf = nbuf if needs_buf else 0
 
     def work(ts: Iterable[np.ndarray]) -> list[tuple[float, float]]:
         buf = np.empty(nbuf, dtype=acc) if nbuf else None
