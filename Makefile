@@ -53,5 +53,14 @@ format: $(VENV)/.test-installed
 	$(BIN)/python -m ruff format $(LINTED)
 	$(BIN)/python -m ruff check --fix $(LINTED)
 
+$(VENV)/.bench-installed: $(DEPS) | $(BIN)/python
+	$(PIP) -e '.[bench]'
+	touch $@
+
+# The full benchmark (minutes; tables on stdout, JSON + PNG in benchmarks/results/).
+# BENCH_ARGS=--docs also refreshes docs/bench.json and docs/img/bench.png.
+bench: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site

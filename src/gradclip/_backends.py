@@ -13,7 +13,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["enabled", "fast_paths", "global_norm_impl", "scale_impl"]
+from . import _compat
+
+__all__ = ["clip_impl", "enabled", "fast_paths", "global_norm_impl", "scale_impl"]
 
 # Per thread; not a ContextVar, whose get/set torch.compile cannot trace (graph breaks).
 _STATE = threading.local()
@@ -39,12 +41,40 @@ def enabled() -> bool:
     return getattr(_STATE, "on", True)
 
 
+def _module(tree: Any) -> Any:
+    """The fast-path module for the tree's library (imported on first use), or ``None``."""
+    if not enabled() or not tree.leaves:
+        return None
+    x = tree.leaves[0]
+    if _compat.is_numpy_array(x):
+        from . import _fast_numpy as mod
+    elif _compat.is_torch_array(x):
+        from . import _fast_torch as mod
+    elif _compat.is_jax_array(x):
+        from . import _fast_jax as mod
+    elif _compat.is_cupy_array(x):
+        from . import _fast_cupy as mod
+    else:
+        return None
+    return mod
+
+
 def global_norm_impl(tree: Any) -> Any:
     """A function ``(tree, p) -> norm`` for the tree's library, or ``None``."""
-    return None
+    mod = _module(tree)
+    return None if mod is None else mod.global_norm_impl(tree)
 
 
 def scale_impl(tree: Any, *, inplace: bool) -> Any:
     """A function ``(tree, scale) -> leaves`` that multiplies every leaf by the 0-d
     ``scale`` (in place when ``inplace``), or ``None``."""
-    return None
+    mod = _module(tree)
+    return None if mod is None else mod.scale_impl(tree, inplace=inplace)
+
+
+def clip_impl(tree: Any, *, nonfinite: str) -> Any:
+    """A function ``(tree, p, max_norm, eps) -> (leaves, norm)`` doing the whole
+    functional clip at once (one compiled call for eager JAX), or ``None``."""
+    mod = _module(tree)
+    impl = getattr(mod, "clip_impl", None)
+    return None if impl is None else impl(tree, nonfinite=nonfinite)

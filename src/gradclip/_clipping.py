@@ -106,6 +106,11 @@ def clip_by_global_norm(
     array([0.4045, 0.809 , 1.2136, 1.6181, 2.0226])
     """
     tree, p, max_norm, nonfinite = _prepare(grads, max_norm, ord, eps, nonfinite, inplace=False)
+    if process_group is None and axis_name is None and replicated is None:
+        fast = _backends.clip_impl(tree, nonfinite=nonfinite)
+        if fast is not None:  # the whole call compiled at once (eager JAX)
+            leaves, norm = fast(tree, p, max_norm, eps)
+            return tree.unflatten(leaves), norm
     norm = _distributed.tree_norm(
         tree, p, process_group=process_group, axis_name=axis_name, replicated=replicated
     )

@@ -78,18 +78,19 @@ def is_lazy(x: Any) -> bool:
 
 def writable_problem(x: Any) -> str | None:
     """Why ``x`` cannot be scaled in place, or ``None`` when it can."""
-    if is_jax_array(x):
-        return "JAX arrays are immutable"
-    if is_dask_array(x) or _aac.is_lazy_array(x):
-        return f"{library_name(x)} arrays are lazy and cannot be written in place"
-    if is_numpy_array(x) and not getattr(getattr(x, "flags", None), "writeable", True):
-        return "the NumPy array is read-only"
+    if is_numpy_array(x):  # first: this runs once per leaf on every in-place call
+        return None if x.flags.writeable else "the NumPy array is read-only"
     if is_torch_array(x):
         if x.requires_grad and x.is_leaf:
             return "the tensor is a leaf that requires grad"
         # torch.compile cannot trace is_inference(); a compiled graph fails on its own
         if not _torch_compiling() and x.is_inference() and not _torch_inference_mode():
             return "the tensor is an inference tensor"
+        return None
+    if is_jax_array(x):
+        return "JAX arrays are immutable"
+    if is_dask_array(x) or _aac.is_lazy_array(x):
+        return f"{library_name(x)} arrays are lazy and cannot be written in place"
     if not _aac.is_writeable_array(x):
         return f"{library_name(x)} arrays are not writable"
     return None

@@ -8,6 +8,7 @@ and namedtuples their type, which ``jax.tree_util`` alone would not guarantee.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -46,9 +47,23 @@ def _size(x: Any) -> int:
     return math.prod([int(s) for s in x.shape]) if x.shape else 1
 
 
+_KINDS: dict[tuple[Any, Any], str] = {}
+
+
 def dtype_kind(xp: Any, dt: Any) -> str:
     """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"int"``,
-    ``"bool"`` or ``"other"``."""
+    ``"bool"`` or ``"other"`` (cached: it runs once per leaf per call)."""
+    try:
+        return _KINDS[(xp, dt)]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype
+        pass
+    kind = _dtype_kind(xp, dt)
+    with contextlib.suppress(TypeError):
+        _KINDS[(xp, dt)] = kind
+    return kind
+
+
+def _dtype_kind(xp: Any, dt: Any) -> str:
     name = str(getattr(dt, "name", dt)).rsplit(".", 1)[-1]
     if name in ("float16", "bfloat16") or name.startswith("float8"):
         return "low"
@@ -159,7 +174,7 @@ def flatten(
                 f"{paths[i]} has dtype {leaves[i].dtype}, but gradients must be "
                 f"floating point{hint}"
             )
-    acc = _compat.accumulation_dtype(xp, [x.dtype for x in leaves])
+    acc = _compat.accumulation_dtype(xp, {x.dtype: None for x in leaves})  # unique dtypes
     return Tree(leaves, paths, xp, acc, dev, rebuild)
 
 

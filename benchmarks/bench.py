@@ -1,0 +1,576 @@
+"""Benchmark: gradclip against torch, optax, plain NumPy and the memory floor.
+
+``make bench`` (or ``python benchmarks/bench.py``) times, on three shape sets
+(GPT-2 small, ResNet-50, 2000 x 256) in float32 and bfloat16, every installed
+backend of gradclip and its peers, on the same gradients in one run, and prints
+medians, the ratios the project's goals are stated in, and the peak extra memory
+of each call. It writes a JSON file and a PNG plot to ``benchmarks/results/``
+(``--docs`` also to ``docs/bench.json`` and ``docs/img/bench.png``).
+
+Every in-place call clips: each uses half the gradients' current norm as
+``max_norm``, so the gradients are halved each time (no call is a no-op; they are
+scaled back exactly between cases). Functional calls leave the data alone and use
+``norm0 / 2``.
+
+Memory: NumPy calls are measured with ``tracemalloc`` (NumPy reports its buffers
+to it); every other call with the growth of the process's peak resident set
+(``VmHWM`` after resetting it through ``/proc/self/clear_refs``), which counts
+fresh pages only: memory the allocator reuses from earlier frees is not seen,
+so those figures are lower bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc as _gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes as shape_sets
+
+import gradclip
+
+ROOT = Path(__file__).resolve().parent.parent
+Call = Callable[[int], Any]  # call k (0, 1, ...) -> result to wait for
+
+
+# -- what is measured -------------------------------------------------------------------
+
+
+def _importable(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def _cuda(torch: Any) -> bool:
+    return torch is not None and torch.cuda.is_available()
+
+
+def _cupy() -> Any:
+    cp = _importable("cupy")
+    try:
+        return cp if cp is not None and cp.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:
+        return None
+
+
+def _np_dtype(dtype: str) -> Any:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def _make_data(shape_list: list[tuple[int, ...]], dtype: str, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in shape_list:
+        x = rng.standard_normal(s, dtype=np.float32)
+        out.append(x if dtype == "float32" else x.astype(_np_dtype(dtype)))
+    return out
+
+
+def _torch_view(torch: Any, x: np.ndarray) -> Any:
+    """A torch tensor sharing ``x``'s memory (bfloat16 through an int16 view)."""
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def _plain_numpy(grads: list[np.ndarray], max_norm: float) -> float:
+    """The obvious NumPy clip: a dot per leaf, then an in-place multiply."""
+    total = 0.0
+    for x in grads:
+        v = x.reshape(-1)
+        if v.dtype.itemsize < 4:
+            v = v.astype(np.float32)
+        total += float(np.dot(v, v))
+    norm = math.sqrt(total)
+    scale = min(1.0, max_norm / (norm + 1e-6))
+    for x in grads:
+        x *= np.asarray(scale, dtype=np.float32)
+    return norm
+
+
+class Halver:
+    """``max_norm`` for in-place calls on the shared gradients: half their current norm.
+
+    Every in-place call halves the gradients (NumPy and torch cases share memory), so
+    the next call's threshold is half again; :meth:`restore` scales the gradients back
+    (by a power of 2: exact) between cases.
+    """
+
+    def __init__(self, data: list[Any], norm0: float) -> None:
+        self.data, self.norm0, self.n = data, norm0, 0
+        self.others: list[Halver] = []  # copies elsewhere (CUDA) halved on their own
+
+    def __call__(self, k: int) -> float:
+        self.n += 1
+        return self.norm0 / 2.0**self.n
+
+    def restore(self) -> None:
+        for x in self.data:
+            x *= 2.0**self.n  # a weak Python scalar: the leaves' own dtype, exact
+        self.n = 0
+        for h in self.others:
+            h.restore()
+
+
+def cases(data: list[np.ndarray], dtype: str, half: Halver) -> dict[str, tuple[str, Call]]:
+    """name -> (library, call) for every installed backend and peer."""
+    out: dict[str, tuple[str, Call]] = {}
+    norm0 = half.norm0
+
+    out["gradclip numpy (in place)"] = (
+        "numpy",
+        lambda k: gradclip.clip_by_global_norm_(data, half(k), eps=1e-6),
+    )
+    out["plain numpy (dot + in place)"] = ("numpy", lambda k: _plain_numpy(data, half(k)))
+
+    torch = _importable("torch")
+    if torch is not None:
+        ts = [_torch_view(torch, x) for x in data]
+        params = []
+        for t in ts:
+            # a parameter of the gradient's shape on one element of memory
+            p = torch.nn.Parameter(torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype))
+            p.grad = t
+            params.append(p)
+        out["gradclip torch (in place)"] = (
+            "torch",
+            lambda k: gradclip.clip_by_global_norm_(ts, half(k), eps=1e-6),
+        )
+        for fe in (True, False):
+            out[f"torch clip_grad_norm_ (foreach={fe})"] = (
+                "torch",
+                lambda k, fe=fe: torch.nn.utils.clip_grad_norm_(params, half(k), foreach=fe),
+            )
+        flat = torch.zeros(sum(x.size for x in data), dtype=ts[0].dtype)
+        flat.normal_()
+
+        def floor(k: int) -> Any:
+            torch.sum(flat)  # one read of every byte
+            return flat.mul_(0.5)  # one read and write in place
+
+        out["floor (sum + mul_, flat)"] = ("floor", floor)
+        if _cuda(torch):
+            out.update(_cuda_cases(torch, data, half))
+
+    jax = _importable("jax")
+    if jax is not None:
+        import jax.numpy as jnp
+
+        jg = [jnp.asarray(x) for x in data]
+        m = jnp.asarray(norm0 / 2, dtype=jnp.float32)
+        clip = jax.jit(lambda g, m: gradclip.clip_by_global_norm(g, m))
+        out["gradclip jax (jit)"] = ("jax", lambda k: clip(jg, m))
+        out["gradclip jax (eager)"] = ("jax", lambda k: gradclip.clip_by_global_norm(jg, m))
+        optax = _importable("optax")
+        if optax is not None:
+            tx = optax.clip_by_global_norm(norm0 / 2)
+            upd = jax.jit(lambda g: tx.update(g, None)[0])
+            out["optax clip_by_global_norm (jit)"] = ("jax", lambda k: upd(jg))
+            out["optax clip_by_global_norm (eager)"] = ("jax", lambda k: tx.update(jg, None)[0])
+
+    cp = _cupy()
+    if cp is not None and dtype != "bfloat16":
+        cg = [cp.asarray(x) for x in data]
+        cflat = cp.zeros(sum(x.size for x in data), dtype=cg[0].dtype)
+        cu_half = Halver(cg, norm0)
+        half.others.append(cu_half)
+        out["gradclip cupy (in place)"] = (
+            "cupy",
+            lambda k: gradclip.clip_by_global_norm_(cg, cu_half(k), eps=1e-6),
+        )
+
+        def cfloor(k: int) -> Any:
+            cflat.sum()
+            return cp.multiply(cflat, 0.5, out=cflat)
+
+        out["floor cupy (sum + mul, flat)"] = ("cupy", cfloor)
+    return out
+
+
+def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, tuple[str, Call]]:
+    ts = [_torch_view(torch, x).cuda() for x in data]
+    params = []
+    for t in ts:
+        p = torch.nn.Parameter(
+            torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype, device="cuda")
+        )
+        p.grad = t
+        params.append(p)
+    cuda_half = Halver(ts, half.norm0)
+    half.others.append(cuda_half)
+    return {
+        "gradclip torch-cuda (in place)": (
+            "cuda",
+            lambda k: gradclip.clip_by_global_norm_(ts, cuda_half(k), eps=1e-6),
+        ),
+        "torch-cuda clip_grad_norm_ (foreach=True)": (
+            "cuda",
+            lambda k: torch.nn.utils.clip_grad_norm_(params, cuda_half(k), foreach=True),
+        ),
+    }
+
+
+# -- timing and memory -------------------------------------------------------------------
+
+
+def _wait(result: Any) -> None:
+    mods = sys.modules
+    if "jax" in mods:
+        mods["jax"].block_until_ready(result)
+    torch = mods.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    cp = mods.get("cupy")
+    if cp is not None:
+        with contextlib.suppress(Exception):
+            cp.cuda.Device().synchronize()
+
+
+def _rss_peak_delta(call: Callable[[], Any]) -> int | None:
+    """Growth of the peak resident set during ``call`` (fresh pages only), or None."""
+    try:
+        before = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to VmRSS
+        _wait(call())
+        return max(0, _status("VmHWM") - before)
+    except OSError:
+        return None
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(key)
+
+
+def _tracemalloc_peak(call: Callable[[], Any]) -> int:
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = call()
+        _wait(result)
+        return max(0, tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+
+
+def measure(call: Call, library: str, warmup: int, repeats: int) -> dict[str, Any]:
+    k = 0
+    for _ in range(warmup):
+        _wait(call(k))
+        k += 1
+    times = []
+    _gc.collect()
+    _gc.disable()  # as timeit does: no collection inside a timed call
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _wait(call(k))
+            times.append(time.perf_counter() - t0)
+            k += 1
+    finally:
+        _gc.enable()
+    if library == "numpy":
+        mem, how = _tracemalloc_peak(lambda: call(k)), "tracemalloc"
+    else:
+        mem, how = _rss_peak_delta(lambda: call(k)), "rss-hwm"
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "times_ms": [t * 1e3 for t in times],
+        "extra_bytes": mem,
+        "memory_method": how,
+    }
+
+
+# -- goals -------------------------------------------------------------------------------
+
+
+def _every(bound: float) -> dict[str, float]:
+    return dict.fromkeys(shape_sets.SETS, bound)
+
+
+# (label, numerator, denominator, {set: bound}) ; "bytes" as denominator means the
+# numerator's extra memory over the gradients' bytes
+GOALS = [
+    (
+        "torch vs torch foreach",
+        "gradclip torch (in place)",
+        "torch clip_grad_norm_ (foreach=True)",
+        {"gpt2-small": 0.85, "resnet-50": 0.85, "2000x256": 0.8},
+    ),
+    (
+        "numpy vs floor",
+        "gradclip numpy (in place)",
+        "floor (sum + mul_, flat)",
+        {"gpt2-small": 1.25, "resnet-50": 1.25},
+    ),
+    (
+        "numpy vs torch foreach",
+        "gradclip numpy (in place)",
+        "torch clip_grad_norm_ (foreach=True)",
+        _every(1.10),
+    ),
+    (
+        "jax jit vs optax jit",
+        "gradclip jax (jit)",
+        "optax clip_by_global_norm (jit)",
+        {"gpt2-small": 0.70, "resnet-50": 0.70, "2000x256": 1.0},
+    ),
+    (
+        "jax eager vs jax jit",
+        "gradclip jax (eager)",
+        "gradclip jax (jit)",
+        _every(1.30),
+    ),
+    (
+        "numpy extra memory / grads",
+        "gradclip numpy (in place)",
+        "bytes",
+        _every(0.01),
+    ),
+    (
+        "torch extra memory / grads",
+        "gradclip torch (in place)",
+        "bytes",
+        _every(0.01),
+    ),
+    (
+        "torch-cuda vs torch-cuda foreach",
+        "gradclip torch-cuda (in place)",
+        "torch-cuda clip_grad_norm_ (foreach=True)",
+        _every(1.0),
+    ),
+    (
+        "cupy vs cupy floor",
+        "gradclip cupy (in place)",
+        "floor cupy (sum + mul, flat)",
+        _every(1.2),
+    ),
+]
+
+
+def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[dict[str, Any]]:
+    out = []
+    for label, num, den, bounds in GOALS:
+        if num not in runs or (den != "bytes" and den not in runs):
+            continue
+        if den == "bytes":
+            extra = runs[num]["extra_bytes"]
+            if extra is None:
+                continue
+            value = extra / nbytes
+        else:
+            value = runs[num]["median_ms"] / runs[den]["median_ms"]
+        goal = bounds.get(set_name)
+        out.append(
+            {
+                "goal": label,
+                "ratio": value,
+                "bound": goal,
+                "met": None if goal is None else bool(value <= goal),
+            }
+        )
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "gradclip": gradclip.__version__,
+        "platform": platform.platform(),
+    }
+    for name in ("torch", "jax", "jaxlib", "optax", "cupy"):
+        mod = sys.modules.get(name) or _importable(name)
+        if mod is not None:
+            info[name] = getattr(mod, "__version__", "?")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    with contextlib.suppress(OSError):
+        info["load_before"] = os.getloadavg()
+    return info
+
+
+def run(
+    sets: list[str],
+    dtypes: list[str],
+    warmup: int,
+    repeats: int,
+    smoke: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "warmup": warmup,
+        "repeats": repeats,
+        "smoke": smoke,
+        "results": [],
+    }
+    for set_name in sets:
+        shape_list = shape_sets.SETS[set_name]()
+        if smoke:  # tiny: the same structure, a few elements per tensor
+            shape_list = [tuple(min(d, 3) for d in s) for s in shape_list[:12]]
+        for dtype in dtypes:
+            data = _make_data(shape_list, dtype)
+            nbytes = sum(x.nbytes for x in data)
+            half = Halver(data, float(gradclip.global_norm(data)))
+            runs = {}
+            for name, (library, call) in cases(data, dtype, half).items():
+                runs[name] = measure(call, library, warmup, repeats)
+                runs[name]["library"] = library
+                half.restore()
+            entry = {
+                "set": set_name,
+                "dtype": dtype,
+                "tensors": len(data),
+                "elements": sum(x.size for x in data),
+                "bytes": nbytes,
+                "runs": runs,
+                "ratios": ratios(runs, nbytes, set_name),
+            }
+            result["results"].append(entry)
+            log(table(entry))
+            del data, runs
+            _gc.collect()
+    with contextlib.suppress(OSError):
+        result["machine"]["load_after"] = os.getloadavg()
+    return result
+
+
+def table(entry: dict[str, Any]) -> str:
+    lines = [
+        f"\n{entry['set']}  {entry['dtype']}  ({entry['tensors']} tensors, "
+        f"{entry['elements'] / 1e6:.2f} M elements, {entry['bytes'] / 2**20:.1f} MiB)",
+        f"  {'call':<44}{'median ms':>11}{'extra memory':>16}  method",
+    ]
+    for name, r in entry["runs"].items():
+        mem = "-" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**10:,.0f} KiB"
+        lines.append(f"  {name:<44}{r['median_ms']:>11.2f}{mem:>16}  {r['memory_method']}")
+    lines.append(f"  {'goal (lower is better)':<44}{'ratio':>11}{'bound':>16}  met")
+    for g in entry["ratios"]:
+        bound = "-" if g["bound"] is None else f"<= {g['bound']:g}"
+        met = {True: "yes", False: "NO", None: "-"}[g["met"]]
+        lines.append(f"  {g['goal']:<44}{g['ratio']:>11.3f}{bound:>16}  {met}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = result["results"]
+    labels = sorted(
+        {g["goal"] for e in entries for g in e["ratios"]}, key=[g[0] for g in GOALS].index
+    )
+    ncols = min(4, len(labels))
+    nrows = -(-len(labels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(labels) :]:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
+        names, values, bounds = [], [], []
+        for e in entries:
+            for g in e["ratios"]:
+                if g["goal"] == label:
+                    names.append(f"{e['set']}\n{e['dtype']}")
+                    values.append(g["ratio"])
+                    bounds.append(g["bound"])
+        colors = [
+            "tab:green" if b is None or v <= b else "tab:red" for v, b in zip(values, bounds)
+        ]
+        ax.bar(range(len(values)), values, color=colors)
+        for i, b in enumerate(bounds):
+            if b is not None:
+                ax.hlines(b, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
+        ax.set_xticks(range(len(values)), names, fontsize=6, rotation=90)
+        ax.set_title(label, fontsize=8)
+        if max(values) > 20 * min(v for v in values if v > 0) if any(values) else False:
+            ax.set_yscale("log")
+        ax.tick_params(axis="y", labelsize=7)
+    m = result["machine"]
+    fig.suptitle(
+        f"gradclip: ratios (lower is better; dashed: goal) - {m['cpu']}, {m['cores']} cores",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", default=",".join(shape_sets.SETS))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, for the test suite")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--docs", action="store_true", help="also write docs/bench.json and the plot")
+    args = ap.parse_args(argv)
+    result = run(
+        args.sets.split(","), args.dtypes.split(","), args.warmup, args.repeats, smoke=args.smoke
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    targets = [out / f"bench-{stamp}.json", out / "latest.json"]
+    pngs = [out / f"bench-{stamp}.png", out / "latest.png"]
+    if args.docs:
+        targets.append(ROOT / "docs" / "bench.json")
+        pngs.append(ROOT / "docs" / "img" / "bench.png")
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        t.write_text(json.dumps(result, indent=1))
+    if not args.no_plot:
+        for p in pngs:
+            plot(result, p)
+    print(f"\nwritten: {', '.join(str(t) for t in targets + ([] if args.no_plot else pngs))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

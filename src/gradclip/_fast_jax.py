@@ -1,0 +1,121 @@
+"""JAX fast path: a one-read norm guarded by ``lax.cond``, and compiled eager calls.
+
+* Inside a trace (``jax.jit``, ``grad``, ...) the 2-norm is first taken as the plain
+  sum of squares in the accumulation dtype (one fused read per leaf, what optax does).
+  When that sum lies well inside the dtype's range, nothing was lost to overflow or
+  underflow and its square root is the norm to a few ulps; otherwise (an inf or NaN,
+  values near 1e19 in float32, tiny or zero gradients) ``lax.cond`` runs the core's
+  scaled computation instead. Only the taken branch runs, on the device, with no host
+  read.
+* Eager calls on concrete arrays run one compiled function per (p, eps, nonfinite)
+  whose executables ``jax.jit`` caches per tree structure, shapes and dtypes, so an
+  eager ``clip_by_global_norm`` costs one dispatch instead of a few per leaf.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from . import _backends, _clipping, _norms, _tree
+
+__all__ = ["clip_impl", "global_norm_impl", "scale_impl"]
+
+# sums of squares inside these bounds lost nothing to overflow or underflow
+_BOUNDS = {
+    jnp.dtype(jnp.float32): (2.0**-60, 2.0**120),
+    jnp.dtype(jnp.float64): (2.0**-900, 2.0**900),
+}
+_REAL = {jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)}
+
+
+def _real(tree: _tree.Tree) -> bool:
+    return all(jnp.dtype(dt) in _REAL for dt in {x.dtype: None for x in tree.leaves})
+
+
+def _traced(tree: _tree.Tree) -> bool:
+    tracer = jax.core.Tracer
+    return any(isinstance(x, tracer) for x in tree.leaves)
+
+
+def _core_norm(tree: _tree.Tree, p: float) -> Any:
+    with _backends.fast_paths(False):
+        return _norms.tree_norm(tree, p)
+
+
+SMALL = 1 << 16  # leaves up to this size are concatenated: one reduction, not thousands
+
+
+def traced_norm(tree: _tree.Tree, p: float) -> Any:
+    """The global norm of a (traced or concrete) tree, to a few ulps of the core."""
+    if p != 2:
+        return _core_norm(tree, p)
+    acc = jnp.dtype(tree.acc_dtype)
+    small = [x.astype(acc).reshape(-1) for x in tree.leaves if x.size <= SMALL]
+    parts = [x for x in tree.leaves if x.size > SMALL]
+    if small:
+        parts.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+    fast = sum(jnp.sum(jnp.square(x.astype(acc))) for x in parts)
+    lo, hi = _BOUNDS[acc]
+    ok = (fast >= lo) & (fast <= hi)  # False for inf and NaN
+
+    def exact(parts: list[Any]) -> Any:
+        # the core on the same elements, only when the sum may have lost something
+        return _core_norm(_tree.flatten(parts), p)
+
+    # the parts as explicit operands: few (one for all the small leaves), not one per leaf
+    return jax.lax.cond(ok, lambda parts: jnp.sqrt(fast), exact, parts)
+
+
+@functools.cache
+def _jitted_norm(p: float) -> Callable[[list[Any]], Any]:
+    return jax.jit(lambda leaves: _norms.tree_norm(_tree.flatten(leaves), p))
+
+
+@functools.cache
+def _jitted_scale(inplace: bool) -> Callable[[list[Any], Any], Any]:
+    def scale(leaves: list[Any], s: Any) -> Any:
+        with _backends.fast_paths(False):
+            tree = _tree.flatten(leaves)
+            return _clipping._apply(tree, s, s, "propagate", inplace=inplace)
+
+    return jax.jit(scale)
+
+
+@functools.cache
+def _jitted_clip(p: float, eps: float, nonfinite: str) -> Callable[[list[Any], Any], Any]:
+    def clip(leaves: list[Any], max_norm: Any) -> Any:
+        return _clipping.clip_by_global_norm(leaves, max_norm, ord=p, eps=eps, nonfinite=nonfinite)
+
+    return jax.jit(clip)
+
+
+def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
+    if not _real(tree):
+        return None
+    if _traced(tree):
+        return traced_norm
+    return lambda tree, p: _jitted_norm(p)(tree.leaves)
+
+
+def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
+    if _traced(tree) or not _real(tree):
+        return None
+    return lambda tree, scale: _jitted_scale(inplace)(tree.leaves, scale)
+
+
+def clip_impl(tree: _tree.Tree, *, nonfinite: str) -> Callable[..., Any] | None:
+    """The whole functional clip as one compiled call for concrete (eager) arrays."""
+    if _traced(tree) or not _real(tree) or nonfinite == "raise":
+        return None
+
+    def clip(tree: _tree.Tree, p: float, max_norm: Any, eps: float) -> Any:
+        if not isinstance(max_norm, jax.Array):  # a Python number: no recompile per value
+            max_norm = jnp.asarray(max_norm, dtype=tree.acc_dtype)
+        return _jitted_clip(p, float(eps), nonfinite)(tree.leaves, max_norm)
+
+    return clip

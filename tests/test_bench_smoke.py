@@ -1,0 +1,87 @@
+"""The benchmark harness on tiny shapes, one repeat: it must keep running.
+
+No timing is asserted (timings on a shared CI machine mean nothing); this checks that
+every installed peer is measured, the ratios the goals are stated in are computed
+from the medians, and the JSON and the plot are written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gradclip_bench", ROOT / "benchmarks/bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shape_sets_match_the_anchors(bench):
+    sets = bench.shape_sets
+    assert (len(sets.gpt2_small()), sets.numel(sets.gpt2_small())) == (148, 124_439_808)
+    assert (len(sets.resnet50()), sets.numel(sets.resnet50())) == (161, 25_557_032)
+    assert (len(sets.many_small()), sets.numel(sets.many_small())) == (2000, 512_000)
+
+
+def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert (
+        bench.main(
+            [
+                "--smoke",
+                "--sets",
+                "resnet-50",
+                "--dtypes",
+                "float32,bfloat16",
+                "--warmup",
+                "0",
+                "--repeats",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "gradclip numpy (in place)" in out and "numpy vs floor" in out
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert (tmp_path / "latest.png").stat().st_size > 1000
+    assert [(e["set"], e["dtype"]) for e in result["results"]] == [
+        ("resnet-50", "float32"),
+        ("resnet-50", "bfloat16"),
+    ]
+    entry = result["results"][0]
+    runs = entry["runs"]
+    expected = {"gradclip numpy (in place)", "plain numpy (dot + in place)"}
+    if importlib.util.find_spec("torch"):
+        expected |= {
+            "gradclip torch (in place)",
+            "torch clip_grad_norm_ (foreach=True)",
+            "torch clip_grad_norm_ (foreach=False)",
+            "floor (sum + mul_, flat)",
+        }
+    if importlib.util.find_spec("optax"):
+        expected |= {
+            "gradclip jax (jit)",
+            "gradclip jax (eager)",
+            "optax clip_by_global_norm (jit)",
+            "optax clip_by_global_norm (eager)",
+        }
+    assert expected <= set(runs)
+    for r in runs.values():
+        assert r["median_ms"] > 0 and len(r["times_ms"]) == 1
+    for g in entry["ratios"]:
+        num, den = next((n, d) for label, n, d, _ in bench.GOALS if label == g["goal"])
+        if den != "bytes":
+            assert g["ratio"] == pytest.approx(runs[num]["median_ms"] / runs[den]["median_ms"])

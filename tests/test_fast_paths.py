@@ -1,0 +1,347 @@
+"""Every backend fast path against the Array API core (``fast_paths(False)``).
+
+The core is the reference: each fast path must give the same norm to a few ulps of
+the accumulation dtype and the same clipped gradients to an ulp of the leaf's dtype,
+keep the core's guarantees (no overflow or underflow for finite inputs, inf and NaN
+propagate with NaN first) and, for in-place NumPy calls, allocate no full-size
+temporaries (a bound on memory, measured with tracemalloc; no timing here).
+The 1e8-element accuracy bound is tested with fast paths on in test_norms.py.
+"""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import make_backend, ref_norm
+
+import gradclip as gc
+from gradclip import _backends, _norms, _tree
+
+FAST = ["numpy", "torch", "jax", "cupy"]
+ORDS = [2, math.inf, 1, 3]
+ULPS = 4  # a few units in the last place of the accumulation dtype
+
+
+@pytest.fixture(params=FAST)
+def fast_backend(request):
+    return make_backend(request.param)
+
+
+def _eps(dtype_name: str) -> float:
+    return {"float64": 2.0**-52}.get(dtype_name, 2.0**-23)
+
+
+def _random_tree(backend, dtypes, rng, big=False):
+    """A dict of leaves of several shapes (0-d, empty, non-contiguous, > one chunk)."""
+    shapes = [(), (0,), (7,), (33, 65), (3, 4, 5)] + ([(150_000,)] if big else [])
+    tree = {}
+    for i, shape in enumerate(shapes):
+        dt = dtypes[i % len(dtypes)]
+        if dt not in backend.dtypes:
+            continue
+        a = rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4)
+        tree[f"w{i}"] = backend.asarray(a, dt)
+    t = backend.asarray(rng.standard_normal((40, 30)), dtypes[0])
+    if backend.name in ("numpy", "torch", "jax", "cupy"):
+        tree["t"] = t.T if backend.name != "torch" else t.t()  # non-contiguous
+    return tree
+
+
+def _norms_both(tree, p):
+    fast = gc.global_norm(tree, ord=p)
+    with _backends.fast_paths(False):
+        core = gc.global_norm(tree, ord=p)
+    return fast, core
+
+
+def _check_norm(backend, tree, p, ulps=ULPS):
+    fast, core = _norms_both(tree, p)
+    assert str(fast.dtype) == str(core.dtype)
+    f, c = float(backend.to_numpy(fast)), float(backend.to_numpy(core))
+    if math.isnan(c):
+        assert math.isnan(f)
+    elif math.isinf(c):
+        assert f == c
+    else:
+        name = str(core.dtype).rsplit(".", 1)[-1]
+        assert f == pytest.approx(c, rel=ulps * _eps(name), abs=0), (f, c)
+    return f
+
+
+def test_fast_paths_are_used(fast_backend):
+    tree = _tree.flatten([fast_backend.asarray(np.ones(3), "float32")])
+    assert _backends.global_norm_impl(tree) is not None
+    with _backends.fast_paths(False):
+        assert _backends.global_norm_impl(tree) is None
+        assert _backends.scale_impl(tree, inplace=False) is None
+
+
+@pytest.mark.parametrize("p", ORDS)
+@pytest.mark.parametrize(
+    "dtypes",
+    [["float32"], ["float64"], ["float16"], ["bfloat16"], ["float32", "bfloat16", "float16"]],
+)
+def test_norm_matches_core(fast_backend, dtypes, p):
+    rng = np.random.default_rng(len(dtypes) + int(min(p, 9)))
+    tree = _random_tree(fast_backend, dtypes, rng, big=p == 2 and dtypes == ["float32"])
+    if not tree:
+        pytest.skip(f"{fast_backend.name} has none of {dtypes}")
+    f = _check_norm(fast_backend, tree, p)
+    leaves = [fast_backend.to_numpy(x) for x in _tree.flatten(tree).leaves]
+    assert f == pytest.approx(ref_norm(leaves, p), rel=1e-5 if p in (1, 3) else 2e-6)
+
+
+EXTREMES = {
+    "float32 1e30": ([3e30, 4e30], "float32"),
+    "bfloat16 1e30": ([3e30, 4e30], "bfloat16"),
+    "float16 squares": ([300.0] * 1000, "float16"),
+    "float64 1e200": ([3e200, 4e200], "float64"),
+    "float64 1e-200": ([3e-200, 4e-200], "float64"),
+    "float32 1e-30": ([3e-30, 4e-30, 0.0], "float32"),
+    "float32 1e19": ([2e19] * 100, "float32"),
+    "zeros": ([0.0] * 5, "float32"),
+}
+
+
+@pytest.mark.parametrize("p", [2, math.inf])
+@pytest.mark.parametrize("case", list(EXTREMES))
+def test_no_overflow_or_underflow(fast_backend, case, p):
+    values, dt = EXTREMES[case]
+    if dt not in fast_backend.dtypes:
+        pytest.skip(f"{fast_backend.name} has no {dt}")
+    a = np.array(values)
+    tree = [fast_backend.asarray(a, dt), fast_backend.asarray(a[:1], dt)]
+    f = _check_norm(fast_backend, tree, p)
+    exact = ref_norm([fast_backend.to_numpy(x) for x in tree], p)
+    assert math.isfinite(f)
+    assert f == pytest.approx(exact, rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("p", [2, math.inf, 1])
+@pytest.mark.parametrize("dt", ["float32", "float16", "bfloat16", "float64"])
+def test_inf_and_nan_propagate(fast_backend, dt, p):
+    if dt not in fast_backend.dtypes:
+        pytest.skip(f"{fast_backend.name} has no {dt}")
+    ok = fast_backend.asarray(np.ones(70_000), dt)  # more than one chunk
+    inf = fast_backend.asarray(np.array([1.0, -np.inf]), dt)
+    nan = fast_backend.asarray(np.array([np.nan, 1.0]), dt)
+    for tree, want in (([ok, inf], math.inf), ([ok, nan], math.nan), ([inf, ok, nan], math.nan)):
+        fast, core = _norms_both(tree, p)
+        for v in (fast, core):
+            v = float(fast_backend.to_numpy(v))
+            assert (math.isnan(v) and math.isnan(want)) or v == want
+
+
+def _clip_both(backend, make, inplace, **kw):
+    a, b = make(), make()
+    if inplace:
+        n1 = gc.clip_by_global_norm_(a, 1.0, **kw)
+        with _backends.fast_paths(False):
+            n2 = gc.clip_by_global_norm_(b, 1.0, **kw)
+        return a, n1, b, n2
+    a, n1 = gc.clip_by_global_norm(a, 1.0, **kw)
+    with _backends.fast_paths(False):
+        b, n2 = gc.clip_by_global_norm(b, 1.0, **kw)
+    return a, n1, b, n2
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("dt", ["float32", "float64", "float16", "bfloat16"])
+def test_clip_matches_core(fast_backend, dt, inplace):
+    if inplace and not fast_backend.writable:
+        pytest.skip(f"{fast_backend.name} arrays are immutable")
+    if dt not in fast_backend.dtypes:
+        pytest.skip(f"{fast_backend.name} has no {dt}")
+    seed = np.random.default_rng(3).integers(1 << 30)
+
+    def make():
+        return _random_tree(fast_backend, [dt], np.random.default_rng(seed), big=True)
+
+    a, n1, b, n2 = _clip_both(fast_backend, make, inplace, eps=1e-6)
+    assert float(fast_backend.to_numpy(n1)) == pytest.approx(
+        float(fast_backend.to_numpy(n2)), rel=ULPS * _eps(str(n2.dtype).rsplit(".", 1)[-1])
+    )
+    assert list(a) == list(b)
+    leaf_eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7}.get(dt, _eps(dt))
+    tiny = {"float16": 2.0**-24, "bfloat16": 2.0**-133, "float32": 2.0**-149}.get(dt, 5e-324)
+    for k in a:
+        x, y = fast_backend.to_numpy(a[k]), fast_backend.to_numpy(b[k])
+        assert a[k].shape == b[k].shape and str(a[k].dtype) == str(b[k].dtype)
+        np.testing.assert_allclose(x, y, rtol=2 * leaf_eps, atol=tiny)  # tiny: subnormals
+
+
+def test_no_clip_leaves_values_unchanged(fast_backend):
+    if not fast_backend.writable:
+        pytest.skip(f"{fast_backend.name} arrays are immutable")
+    x = fast_backend.asarray(np.array([0.3, -0.4]), "float32")
+    before = fast_backend.to_numpy(x).copy()
+    gc.clip_by_global_norm_([x], 1.0)  # norm 0.5: scale exactly 1
+    np.testing.assert_array_equal(fast_backend.to_numpy(x), before)
+
+
+# -- NumPy specifics -------------------------------------------------------------------------
+
+
+def test_numpy_threads_agree_with_one_thread(monkeypatch):
+    from gradclip import _fast_numpy
+
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal(s, dtype=np.float32) for s in [(300, 500), (70_001,), (9,)]]
+    one = _fast_numpy.norm_of_arrays(arrays, 2)
+    monkeypatch.setattr(_fast_numpy, "PARALLEL_MIN", 0)
+    many = _fast_numpy.norm_of_arrays(arrays, 2)
+    exact = math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays))
+    assert many == pytest.approx(one, rel=1e-12)
+    assert one == pytest.approx(exact, rel=1e-7)  # float32 dots over chunks, float64 sum
+
+
+def test_numpy_chunks_cover_every_element_once():
+    from gradclip import _fast_numpy
+
+    rng = np.random.default_rng(6)
+    for x in (
+        rng.standard_normal((300, 700)),
+        rng.standard_normal((300, 700)).T,
+        rng.standard_normal((90_000, 3))[:, 1],
+        rng.standard_normal((2, 70_000, 2))[:, :, 0],
+        np.float64(3.0) * np.ones(()),
+    ):
+        pieces = list(_fast_numpy.chunks(x))
+        assert all(c.size <= _fast_numpy.CHUNK or c.ndim > 1 for c in pieces)
+        assert sum(c.size for c in pieces) == x.size
+        got = sorted(np.concatenate([c.reshape(-1) for c in pieces]))
+        np.testing.assert_array_equal(got, sorted(x.reshape(-1)))
+
+
+@pytest.mark.parametrize("dt", ["float32", "bfloat16", "float64"])
+def test_numpy_in_place_extra_memory_below_one_percent(dt):
+    """An in-place call allocates no full-size temporary: peak < 1 % of the bytes.
+
+    What it does allocate is fixed: one chunk buffer per thread and, for bfloat16,
+    NumPy's ufunc cast buffers (~150 KiB in all), so the gradients here are >= 16 MiB.
+    """
+    b = make_backend("numpy")
+    rng = np.random.default_rng(7)
+    grads = [b.asarray(rng.standard_normal(n), dt) for n in (7_000_000, 1_000_000, 300)]
+    grads.append(b.asarray(rng.standard_normal((900, 1100)), dt).T)  # non-contiguous
+    nbytes = sum(x.nbytes for x in grads)
+    gc.clip_by_global_norm_(grads, 1.0)  # warm: the thread pool, imports
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        gc.clip_by_global_norm_(grads, 0.5)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= 0.01 * nbytes, (peak, nbytes)
+
+
+# -- torch: the device path, run on the CPU --------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [2, math.inf])
+@pytest.mark.parametrize("dt", ["float32", "float16", "bfloat16", "float64"])
+def test_torch_foreach_terms_match_core(dt, p):
+    """The foreach (non-CPU) path's per-leaf terms, combined by the core, on CPU tensors.
+
+    torch's CPU norm kernel is less accurate than CUDA's, hence 1e-6 here.
+    """
+    from gradclip import _fast_torch
+
+    b = make_backend("torch")
+    rng = np.random.default_rng(8)
+    tree = _tree.flatten(_random_tree(b, [dt, "float32"], rng))
+    got = float(_norms._combine(tree, _fast_torch.leaf_terms(tree, p), p))
+    with _backends.fast_paths(False):
+        want = float(_norms.tree_norm(tree, p))
+    assert got == pytest.approx(want, rel=1e-6)
+    for values in ([3e30, 4e30], [np.inf, 1.0], [np.nan, np.inf]):
+        if dt == "float16" and abs(values[0]) > 1e5:
+            continue
+        t = _tree.flatten([b.asarray(np.array(values), dt)])
+        got = float(_norms._combine(t, _fast_torch.leaf_terms(t, p), p))
+        want = ref_norm([np.array(values, dtype=np.float64)], p)
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-2)
+
+
+def test_torch_traced_and_autograd_use_the_core():
+    torch = pytest.importorskip("torch")
+    x = torch.ones(3, requires_grad=True)
+    assert _backends.global_norm_impl(_tree.flatten([x])) is None
+    n = gc.global_norm([x * 2.0])
+    n.backward()
+    np.testing.assert_allclose(x.grad.numpy(), np.full(3, 2 / math.sqrt(3)), rtol=1e-6)
+
+
+# -- JAX: compiled eager calls ----------------------------------------------------------------
+
+
+def test_jax_eager_call_is_compiled_once():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from gradclip import _fast_jax
+
+    g = {"a": jnp.ones((4, 5), jnp.float32), "b": jnp.arange(3.0, dtype=jnp.float32)}
+    _, n1 = gc.clip_by_global_norm(g, 1.0)
+    fn = _fast_jax._jitted_clip(2.0, 0.0, "propagate")
+    size = fn._cache_size()
+    out2, n2 = gc.clip_by_global_norm(g, 0.5)  # another max_norm: no recompile
+    assert fn._cache_size() == size
+    assert float(n1) == float(n2) == pytest.approx(math.sqrt(25.0))
+    np.testing.assert_allclose(np.asarray(out2["b"]), np.arange(3.0) * 0.5 / 5.0, rtol=1e-6)
+    jitted, n3 = jax.jit(lambda g: gc.clip_by_global_norm(g, 0.5))(g)
+    assert float(n3) == float(n2)
+    np.testing.assert_array_equal(np.asarray(jitted["a"]), np.asarray(out2["a"]))
+
+
+# -- CuPy: the planning and the kernel's arithmetic, on the CPU --------------------------------
+
+
+def test_cupy_plan_covers_every_element_once():
+    from gradclip import _fast_cupy
+
+    sizes = [0, 1, 8191, 8192, 8193, 50_000, 3]
+    pl = _fast_cupy.plan(sizes, list(range(len(sizes))), block=8192)
+    seen = [np.zeros(n, dtype=int) for n in sizes]
+    for leaf, lo in zip(pl.leaf, pl.start):
+        seen[leaf][lo : min(lo + 8192, sizes[leaf])] += 1
+    assert all((s == 1).all() for s in seen)
+    assert pl.leaf.size == sum(-(-n // 8192) for n in sizes)
+    g = _fast_cupy.groups(["float32", "float16", "float32"], [5, 6, 7])
+    assert [(k, v.indices) for k, v in g.items()] == [("float32", [0, 2]), ("float16", [1])]
+
+
+@pytest.mark.parametrize("p", [2, math.inf])
+@pytest.mark.parametrize(
+    "values",
+    ["random", [3e30, 4e30], [1.0, np.inf], [np.nan, np.inf], [0.0, 0.0], [3e-30, 1e-30]],
+)
+def test_cupy_block_terms_combine_to_the_core(values, p):
+    """The terms kernel, emulated in NumPy, combined on device-style arrays == the core."""
+    from gradclip import _fast_cupy
+
+    rng = np.random.default_rng(9)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (20_000, 5, 8192)]
+    if values != "random":
+        arrays.append(np.array(values, dtype=np.float32))
+    arrays.append(rng.standard_normal(300).astype(np.float16))
+    pl = _fast_cupy.plan([a.size for a in arrays], list(range(len(arrays))))
+    ms, ss = _fast_cupy.emulate_terms(arrays, pl, np.float32)
+    got = float(_fast_cupy.combine(np, ms, ss, p))
+    with _backends.fast_paths(False):
+        want = float(gc.global_norm(arrays, ord=p))
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=ULPS * 2e-7)
+
+
+def test_cupy_kernel_sources_format():
+    from gradclip import _fast_cupy
+
+    for dt, (t, acc) in _fast_cupy._CTYPES.items():
+        for src in (_fast_cupy._TERMS_SRC, _fast_cupy._SCALE_SRC):
+            code = src.format(name=dt, t=t, acc=acc, threads=_fast_cupy.THREADS)
+            assert "gradclip_" in code and "{" in code and "{{" not in code
