@@ -198,6 +198,21 @@ def test_numpy_threads_agree_with_one_thread(monkeypatch):
     assert one == pytest.approx(exact, rel=1e-7)  # float32 dots over chunks, float64 sum
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_float32_leaves_beside_float64_accumulate_in_float64(lib):
+    """With a float64 leaf the accumulator is float64: float32 chunks are widened, so
+    the norm has float64 accuracy (a float32 dot would be off by ~1e-8)."""
+    rng = np.random.default_rng(5)
+    arrays = [rng.random(300_000).astype(np.float32), rng.standard_normal(7)]
+    b = make_backend(lib)
+    leaves = [b.asarray(a) for a in arrays]
+    norm = float(b.to_numpy(gc.global_norm(leaves)))
+    with _backends.fast_paths(False):
+        core = float(b.to_numpy(gc.global_norm(leaves)))
+    assert norm == pytest.approx(ref_norm(arrays, 2), rel=1e-13)
+    assert norm == pytest.approx(core, rel=1e-14)
+
+
 def test_numpy_chunks_cover_every_element_once():
     from gradclip import _fast_numpy
 

@@ -54,10 +54,6 @@ def _executor() -> ThreadPoolExecutor:
         return _pool[1]
 
 
-def _low(dt: np.dtype) -> bool:
-    return dt.itemsize <= 2
-
-
 def _supported(x: Any) -> bool:
     dt = x.dtype
     return dt in _SAFE or (dt.kind == "f" and dt.itemsize == 2) or dt.name == "bfloat16"
@@ -104,9 +100,10 @@ def _run(tasks: Iterable[Any], work: Callable[[Iterable[Any]], Any], size: int) 
 # -- the norm -------------------------------------------------------------------------
 
 
-def _sumsq(c: np.ndarray, buf: np.ndarray | None) -> tuple[float, float]:
-    """``(d, s)`` with ``d**2 * s`` the chunk's sum of squares, computed without loss."""
-    if _low(c.dtype) or not (c.flags.c_contiguous and c.ndim == 1):
+def _sumsq(c: np.ndarray, buf: np.ndarray | None, acc: np.dtype) -> tuple[float, float]:
+    """``(d, s)`` with ``d**2 * s`` the chunk's sum of squares, computed without loss;
+    chunks not of the accumulation dtype ``acc`` are widened into ``buf`` first."""
+    if c.dtype != acc or not (c.flags.c_contiguous and c.ndim == 1):
         assert buf is not None
         b = buf[: c.size]
         np.copyto(b.reshape(c.shape), c, casting="unsafe")
@@ -165,9 +162,9 @@ def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
         vals = _run(_all_chunks(arrays), maxabs, size)
         return math.nan if any(math.isnan(v) for v in vals) else max(vals)
 
-    acc = np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32
+    acc = np.dtype(np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32)
     needs_buf = any(
-        _low(x.dtype) or not (x.flags.c_contiguous or x.flags.f_contiguous) for x in arrays
+        x.dtype != acc or not (x.flags.c_contiguous or x.flags.f_contiguous) for x in arrays
     )
     nbuf = _buffer_size(sum(x.nbytes for x in arrays), threads(), np.dtype(acc).itemsize)
     nbuf = nbuf if needs_buf else 0
@@ -180,14 +177,14 @@ def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
         lo, hi = _SAFE[f32]
         with np.errstate(over="ignore", invalid="ignore"):  # checked in _sumsq
             for c in ts:
-                if c.dtype == f32 and c.ndim == 1 and c.flags.c_contiguous:
+                if acc == f32 and c.dtype == f32 and c.ndim == 1 and c.flags.c_contiguous:
                     v = float(dot(c, c))  # the common case, inlined: _sumsq's first step
                     if lo <= v <= hi:
                         plain += v
                         continue
                 pieces = _split(c, buf.size) if buf is not None and c.size > buf.size else (c,)
                 for piece in pieces:
-                    d, v = _sumsq(piece, buf)
+                    d, v = _sumsq(piece, buf, acc)
                     if d == 1.0:
                         plain += v
                     else:

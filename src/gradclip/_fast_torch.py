@@ -36,7 +36,8 @@ _last: tuple[Any, str | None] = (lambda: None, None)
 
 def _kind(tree: _tree.Tree) -> str | None:
     """``"host"`` for plain eager CPU tensors, ``"device"`` for other eager tensors,
-    ``None`` where the core must run (traced, autograd history, other dtypes)."""
+    ``None`` where the core must run (traced, autograd history, other dtypes,
+    tensor subclasses such as DTensor)."""
     global _last
     last_tree, last_kind = _last
     if last_tree() is tree:
@@ -54,6 +55,8 @@ def _find_kind(tree: _tree.Tree) -> str | None:
     for x in tree.leaves:
         if x.dtype not in _FLOATS or x.requires_grad or wrapped(x):
             return None
+        if type(x) not in (torch.Tensor, torch.nn.Parameter):
+            return None  # DTensor and other subclasses: their own dispatch, in the core
         host = host and type(x) is torch.Tensor and x.is_cpu
     if host and any(x.dtype == torch.bfloat16 for x in tree.leaves):
         host = _importable("ml_dtypes")
@@ -139,11 +142,10 @@ def _importable(name: str) -> bool:
 
 
 def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
-    if not all(x.dtype in _FLOATS for x in tree.leaves):
+    kind = _kind(tree)
+    if kind is None:  # traced, autograd history (the core's ops are differentiable), ...
         return None
-    if not inplace and any(x.requires_grad for x in tree.leaves):
-        return None  # keep the core's differentiable ops
-    host = inplace and _kind(tree) == "host"
+    host = inplace and kind == "host"
 
     def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
         casts: dict[Any, Any] = {}
