@@ -47,19 +47,21 @@ def _size(x: Any) -> int:
     return math.prod([int(s) for s in x.shape]) if x.shape else 1
 
 
-_KINDS: dict[tuple[Any, Any], str] = {}
+# keyed by the namespace's name, not the module: torch.compile cannot hash a module
+_KINDS: dict[tuple[str, Any], str] = {}
 
 
 def dtype_kind(xp: Any, dt: Any) -> str:
     """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"int"``,
     ``"bool"`` or ``"other"`` (cached: it runs once per leaf per call)."""
+    key = (xp.__name__, dt)
     try:
-        return _KINDS[(xp, dt)]
+        return _KINDS[key]
     except (KeyError, TypeError):  # TypeError: an unhashable dtype
         pass
     kind = _dtype_kind(xp, dt)
     with contextlib.suppress(TypeError):
-        _KINDS[(xp, dt)] = kind
+        _KINDS[key] = kind
     return kind
 
 
