@@ -15,12 +15,22 @@ from typing import Any
 import numpy as np
 import pytest
 
+import gradclip as gc
+
 try:
     import jax
 
     jax.config.update("jax_enable_x64", True)  # so float64 leaves can be tested on JAX
 except ImportError:  # pragma: no cover - jax is a test dependency
     jax = None
+
+# The library's stateful clippers, with settings that clip some steps of a short run
+# and not others (the torch hook and the optax transform are tested with each).
+LIBRARY_CLIPPERS = {
+    "autoclip": lambda: gc.AutoClip(quantile=0.5, history=3),
+    "zclip": lambda: gc.ZClip(warmup_steps=2, max_grad_norm=None),
+    "quantile": lambda: gc.QuantileClip(initial_threshold=1.0, learning_rate=0.5),
+}
 
 ALL_BACKENDS = ["array_api_strict", "numpy", "torch", "jax", "dask", "cupy"]
 FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from conftest import ref_clip, ref_norm
+from conftest import LIBRARY_CLIPPERS, ref_clip, ref_norm
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -327,13 +327,6 @@ def test_stateless_helper_passes_params_when_asked():
     np.testing.assert_array_equal(out["w"], [1.0, -4.0])
     with pytest.raises(ValueError, match="clip_to_params needs the parameters"):
         tx.update(g, tx.init(p))
-
-
-LIBRARY_CLIPPERS = {
-    "autoclip": lambda: gc.AutoClip(quantile=0.5, history=3),
-    "zclip": lambda: gc.ZClip(warmup_steps=2, max_grad_norm=None),
-    "quantile": lambda: gc.QuantileClip(initial_threshold=1.0, learning_rate=0.5),
-}
 
 
 @pytest.mark.parametrize("name", list(LIBRARY_CLIPPERS))

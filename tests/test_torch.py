@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from conftest import make_backend, ref_norm
+from conftest import LIBRARY_CLIPPERS, make_backend, ref_norm
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn.utils
@@ -544,13 +544,6 @@ def test_hook_with_a_stateful_clipper():
     assert isinstance(h.last_threshold, torch.Tensor)
     assert bool(h.last_clipped)
     torch.testing.assert_close(h.last_norm, ref_norms[-1])
-
-
-LIBRARY_CLIPPERS = {
-    "autoclip": lambda: gc.AutoClip(quantile=0.5, history=4),
-    "zclip": lambda: gc.ZClip(warmup_steps=3, max_grad_norm=None),
-    "quantile": lambda: gc.QuantileClip(initial_threshold=1.0, learning_rate=0.5),
-}
 
 
 @pytest.mark.parametrize("name", list(LIBRARY_CLIPPERS))
