@@ -101,15 +101,12 @@ def tree_norm(tree: _tree.Tree, p: float) -> Any:
 
 def leaf_norms(tree: _tree.Tree, p: float) -> list[Any]:
     """Each leaf's own ``p``-norm (accumulation dtype, on the leaf's device)."""
-    out = []
-    for x in tree.leaves:
-        m, s = _leaf_terms(tree, x, p)
-        out.append(m if math.isinf(p) else _scaled_root(tree.xp, m, s, p))
-    return out
+    return [axis_norms(tree, x, p) for x in tree.leaves]
 
 
-def axis_norms(tree: _tree.Tree, x: Any, p: float, axis: tuple[int, ...]) -> Any:
-    """The ``p``-norms of leaf ``x`` over ``axis``, kept as size-1 axes (unit norms)."""
+def axis_norms(tree: _tree.Tree, x: Any, p: float, axis: tuple[int, ...] | None = None) -> Any:
+    """The ``p``-norms of leaf ``x`` over ``axis``, kept as size-1 axes (unit norms);
+    over every axis, as a 0-d array, when ``axis`` is ``None``."""
     m, s = _leaf_terms(tree, x, p, axis)
     return m if math.isinf(p) else _scaled_root(tree.xp, m, s, p)
 

@@ -130,9 +130,7 @@ def clip_grad_norm_(
                 stacklevel=2,
             )
     max_norm = _checks.check_nonneg(max_norm, "max_norm")  # before anything is computed
-    with_grad = [p for p in parameters if p.grad is not None]
-    tree = _inplace_tree([p.grad for p in with_grad]) if with_grad else None
-    dist = _dist_options(with_grad, process_group, replicated)
+    tree, dist = _grad_tree(parameters, process_group, replicated)
     norm = _total_norm(tree, norm_type, error_if_nonfinite, foreach, dist)
     if tree is not None:
         _scale_tree(tree, max_norm, norm, foreach)
@@ -288,12 +286,11 @@ class ClipHandle:
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        with_grad = [p for p in params if p.grad is not None]
-        if not with_grad:
+        tree, dist = _grad_tree(params, *self._dist)
+        if tree is None:
             return
-        tree = _inplace_tree([p.grad for p in with_grad])
         with torch.no_grad():
-            norm = _distributed.tree_norm(tree, self.p, **_dist_options(with_grad, *self._dist))
+            norm = _distributed.tree_norm(tree, self.p, **dist)
             if self.clipper is None:
                 limit = _checks.scalar_or_array(tree.xp, self.max_norm, norm.dtype, norm.device)
                 limit = _on(limit, norm.device)
@@ -371,6 +368,16 @@ def clip_before_step(
 
 def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in parameters if p.grad is not None]
+
+
+def _grad_tree(
+    parameters: list[torch.Tensor], process_group: Any, replicated: Any
+) -> tuple[_tree.Tree | None, dict[str, Any]]:
+    """The ``.grad`` of the parameters that have one, as a tree checked writable
+    (``None`` when none has), and the core's distributed options for them."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    tree = _inplace_tree([p.grad for p in with_grad]) if with_grad else None
+    return tree, _dist_options(with_grad, process_group, replicated)
 
 
 def _dist_options(tensors: list[torch.Tensor], process_group: Any, replicated: Any) -> dict:
