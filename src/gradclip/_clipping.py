@@ -223,15 +223,12 @@ def _prepare(
     eps = _checks.check_nonneg(eps, "eps")
     nonfinite = _checks.check_nonfinite(nonfinite)
     tree = _tree.flatten(grads, promote_int=not inplace)
-    if inplace:
-        for x, path in zip(tree.leaves, tree.paths):
-            problem = _compat.writable_problem(x)
-            if problem is not None:
-                raise TypeError(
-                    f"{path} cannot be clipped in place: {problem}; "
-                    "use the functional form gradclip.clip_by_global_norm, which returns "
-                    "new arrays"
-                )
+    bad = _compat.first_unwritable(tree.leaves) if inplace else None
+    if bad is not None:
+        raise TypeError(
+            f"{tree.paths[bad[0]]} cannot be clipped in place: {bad[1]}; "
+            "use the functional form gradclip.clip_by_global_norm, which returns new arrays"
+        )
     return tree, p, max_norm, nonfinite
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "as_array",
     "default_float",
     "device",
+    "first_unwritable",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
     "is_cupy_array",
@@ -93,6 +94,30 @@ def writable_problem(x: Any) -> str | None:
         return f"{library_name(x)} arrays are lazy and cannot be written in place"
     if not _aac.is_writeable_array(x):
         return f"{library_name(x)} arrays are not writable"
+    return None
+
+
+def first_unwritable(leaves: Any) -> tuple[int, str] | None:
+    """``(index, why)`` of the first leaf that cannot be scaled in place, or ``None``.
+
+    One pass at C speed for the common cases (all NumPy arrays, all plain torch
+    tensors); :func:`writable_problem` leaf by leaf otherwise.
+    """
+    x = leaves[0]
+    if is_numpy_array(x) and all(type(y) is type(x) for y in leaves):
+        if all([y.flags.writeable for y in leaves]):
+            return None
+    elif (
+        is_torch_array(x)
+        and not _torch_compiling()
+        and not _torch_inference_mode()
+        and not any([y.requires_grad or y.is_inference() for y in leaves])
+    ):
+        return None
+    for i, y in enumerate(leaves):
+        problem = writable_problem(y)
+        if problem is not None:
+            return i, problem
     return None
 
 

@@ -1,22 +1,30 @@
-"""NumPy fast path: the global norm and the scaling in cache-sized chunks on threads.
+"""NumPy fast path: the global norm and the scaling in chunks, on a few threads.
 
 NumPy's ufuncs run on one thread but release the GIL, so large leaves are cut into
-chunks of ``CHUNK`` elements (views, never copies) spread over a small thread pool.
+chunks of ``CHUNK`` elements (views, never copies) and the chunks split, by size,
+into one contiguous run per thread.
 
-The 2-norm of a chunk is one BLAS dot (``sdot``/``ddot``, one read of the memory)
-whose result is checked on the host, which is free here: when it is finite and far
-from the dtype's overflow and underflow thresholds it is accurate to a few ulps (the
-chunk is short, and chunks are combined in float64). Only when it is not (an inf or
-NaN element, values near 1e19 in float32, tiny values) is the chunk recomputed
-exactly: float32 and 16-bit chunks as float64, whose squares can neither overflow nor
-underflow, float64 chunks scaled by their largest magnitude as in the core. So every
-finite input gives a finite, accurate norm, inf and NaN propagate (NaN first), and the
-result is the core's to a few ulps. 16-bit leaves are converted chunk by chunk into a
-small float32 buffer. The only extra memory is one chunk buffer per thread.
+The 2-norm is a blocked sum: one BLAS dot (``sdot``/``ddot``, one read of the
+memory) per chunk, the chunks' results added in float64. When that total lies well
+inside the accumulation dtype's range, no square overflowed and what underflowed is
+negligible, so its square root is the norm to a few ulps (the chunks are short and
+summed in double precision: far more accurate than one dot over a large leaf). Only
+when it does not (an inf or NaN element, values near 1e19 in float32, tiny or zero
+gradients) is every chunk recomputed exactly: float32 and 16-bit chunks as float64,
+whose squares can neither overflow nor underflow, float64 chunks scaled by their
+largest magnitude as in the core. So every finite input gives a finite, accurate
+norm, inf and NaN propagate (NaN first), and the result is the core's to a few ulps.
+
+16-bit leaves (float16, ml_dtypes' bfloat16) and chunks of another dtype than the
+accumulator go through a small float32 buffer per thread, a piece at a time: the norm
+widens each piece and dots it; the scaling widens, multiplies in float32 and rounds
+back once (as the core). The buffers are the only arrays allocated: together at most
+``BUFFER_SHARE`` of the gradients' bytes.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -30,9 +38,16 @@ from . import _clipping, _tree
 
 __all__ = ["global_norm_impl", "norm_of_arrays", "scale_arrays", "scale_impl"]
 
-CHUNK = 1 << 17  # elements per task: a float32 chunk is 512 KiB, it stays in L2
+CHUNK = 1 << 18  # elements per dot and per task: 1 MiB of float32
 PARALLEL_MIN = 1 << 19  # below this many elements one thread is faster than a pool
-# sums of squares inside these bounds lost nothing to overflow or underflow
+BUFFER_SHARE = 0.005  # the buffers of all threads, as a share of the gradients' bytes
+# a total sum of squares inside these bounds lost nothing to overflow, and nothing
+# that matters to underflow (each square's absolute error is below 2**-149)
+_SAFE_TOTAL = {
+    np.dtype(np.float32): (2.0**-60, 2.0**120),
+    np.dtype(np.float64): (2.0**-900, 2.0**900),
+}
+# a chunk's sum of squares inside these bounds is accurate on its own
 _SAFE = {np.dtype(np.float32): (2.0**-100, 2.0**120), np.dtype(np.float64): (2.0**-960, 2.0**960)}
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -59,11 +74,16 @@ def _supported(x: Any) -> bool:
     return dt in _SAFE or (dt.kind == "f" and dt.itemsize == 2) or dt.name == "bfloat16"
 
 
-def chunks(x: np.ndarray) -> Iterator[np.ndarray]:
-    """Views of ``x`` of at most ``CHUNK`` elements that cover it once."""
+def chunks(x: np.ndarray) -> Iterable[np.ndarray]:
+    """Views of ``x`` of at most ``CHUNK`` elements that cover it once; 1-D and
+    contiguous when ``x`` is contiguous."""
     if x.ndim == 1 and 0 < x.size <= CHUNK and x.flags.c_contiguous:  # a small leaf
-        yield x
-    elif x.ndim == 0:
+        return (x,)
+    return _chunks(x)
+
+
+def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
+    if x.ndim == 0:
         yield x.reshape(1)
     elif x.flags.c_contiguous or x.flags.f_contiguous:
         flat = x.ravel(order="K")  # a view in memory order
@@ -73,41 +93,109 @@ def chunks(x: np.ndarray) -> Iterator[np.ndarray]:
         row = x[0].size if x.shape[0] else 0
         if row > CHUNK and x.ndim > 1:
             for r in x:
-                yield from chunks(r)
+                yield from _chunks(r)
         else:
             step = max(1, CHUNK // max(row, 1))
             for i in range(0, x.shape[0], step):
                 yield x[i : i + step]
 
 
-def _all_chunks(arrays: Sequence[np.ndarray]) -> Iterator[np.ndarray]:
-    for x in arrays:
-        yield from chunks(x)
+def _ranged(
+    items: Iterable[Any], sizeof: Callable[[Any], int], split: Callable, lo: int, hi: int
+) -> Iterator[Any]:
+    """The chunks (``split(item)``) of ``items`` whose first element lies in ``[lo, hi)``
+    of the items' elements counted in order: lazily, skipping whole items outside."""
+    off = 0
+    for item in items:
+        end = off + sizeof(item)
+        if off >= hi:
+            return
+        if end > lo:
+            for c in split(item):
+                if off >= hi:
+                    return
+                if off >= lo:
+                    yield c
+                off += sizeof(c)
+        off = end
 
 
-def _run(tasks: Iterable[Any], work: Callable[[Iterable[Any]], Any], size: int) -> list[Any]:
-    """``work`` over contiguous slices of ``tasks``, one per thread when ``size`` is large
-    (the tasks are listed only then: one small thread consumes them lazily)."""
-    n = threads() if size >= PARALLEL_MIN else 1
+def _threads_for(size: int) -> int:
+    return threads() if size >= PARALLEL_MIN else 1
+
+
+def _run(
+    items: Sequence[Any],
+    work: Callable[[Iterable[Any]], Any],
+    size: int,
+    *,
+    sizeof: Callable[[Any], int] = np.size,
+    split: Callable[[Any], Iterable[Any]] = chunks,
+) -> list[Any]:
+    """``work`` over the chunks of ``items``: on one thread for small inputs, else on
+    one contiguous run of about equal size per thread (nothing is listed: each
+    thread walks the items and takes its own chunks)."""
+    n = _threads_for(size)
     if n == 1:
-        return [work(tasks)]
-    tasks = list(tasks)
-    cut = [len(tasks) * i // n for i in range(n + 1)]
-    parts = [tasks[cut[i] : cut[i + 1]] for i in range(n)]
-    return list(_executor().map(work, parts))
+        return [work(itertools.chain.from_iterable(map(split, items)))]
+    runs = [_ranged(items, sizeof, split, size * k // n, size * (k + 1) // n) for k in range(n)]
+    return list(_executor().map(work, runs))
+
+
+def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
+    """``c`` (a chunk) in pieces of at most ``n`` elements (1-D where ``c`` is)."""
+    if c.size <= n:
+        yield c
+    elif c.ndim <= 1:
+        for i in range(0, c.shape[0], n):
+            yield c[i : i + n]
+    else:
+        for r in c:
+            yield from _pieces(r, n)
+
+
+def _buffer_size(size: int, itemsize: int) -> int:
+    """Elements of each thread's buffer for ``size`` elements of gradients (each of at
+    least 2 bytes): all buffers together stay within ``BUFFER_SHARE`` of their bytes."""
+    share = int(2 * size * BUFFER_SHARE) // _threads_for(size) // itemsize
+    return min(CHUNK, max(1024, share))
+
+
+def _direct(c: np.ndarray, acc: np.dtype) -> bool:
+    """True when BLAS can dot ``c`` with itself as it is (1-D, of the dtype ``acc``)."""
+    return c.dtype == acc and c.ndim == 1
 
 
 # -- the norm -------------------------------------------------------------------------
 
 
-def _sumsq(c: np.ndarray, buf: np.ndarray | None, acc: np.dtype) -> tuple[float, float]:
-    """``(d, s)`` with ``d**2 * s`` the chunk's sum of squares, computed without loss;
-    chunks not of the accumulation dtype ``acc`` are widened into ``buf`` first."""
-    if c.dtype != acc or not (c.flags.c_contiguous and c.ndim == 1):
-        assert buf is not None
-        b = buf[: c.size]
-        np.copyto(b.reshape(c.shape), c, casting="unsafe")
-        c = b
+def _widened(pieces: Iterable[np.ndarray], buf: np.ndarray) -> Iterator[np.ndarray]:
+    """Each piece copied (converted) into the front of ``buf``, as a 1-D array."""
+    for piece in pieces:
+        b = buf[: piece.size]
+        np.copyto(b.reshape(piece.shape), piece, casting="unsafe")
+        yield b
+
+
+def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
+    """The sum of the chunks' dots, in float64 (one read of the memory)."""
+    total = 0.0
+    dot = np.dot
+    buf = None
+    for c in ts:
+        if _direct(c, acc):
+            total += float(dot(c, c))
+            continue
+        if buf is None:
+            buf = np.empty(nbuf, dtype=acc)
+        for b in _widened(_pieces(c, nbuf), buf):
+            total += float(dot(b, b))
+    return total
+
+
+def _sumsq(c: np.ndarray) -> tuple[float, float]:
+    """``(d, s)`` with ``d**2 * s`` the sum of squares of ``c`` (1-D, float32 or
+    float64), computed without overflow or underflow."""
     s = float(np.dot(c, c))
     lo, hi = _SAFE[c.dtype]
     if lo <= s <= hi or (s == 0 and not c.any()):
@@ -119,6 +207,15 @@ def _sumsq(c: np.ndarray, buf: np.ndarray | None, acc: np.dtype) -> tuple[float,
     d = m if math.isfinite(m) and m > 0 else 1.0
     w = c / d
     return d, float(np.dot(w, w))
+
+
+def _exact_terms(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> list[tuple[float, float]]:
+    buf = np.empty(nbuf, dtype=acc)
+    out = []
+    for c in ts:
+        pieces = [c] if _direct(c, acc) else _widened(_pieces(c, nbuf), buf)
+        out.extend(_sumsq(piece) for piece in pieces)
+    return out
 
 
 def _combine2(pairs: list[tuple[float, float]]) -> float:
@@ -139,14 +236,9 @@ def _maxabs(c: np.ndarray) -> float:
     return max(hi, -lo)
 
 
-def _buffer_size(total_bytes: int, n_threads: int, itemsize: int) -> int:
-    # at most 0.25 % of the gradients' bytes for all buffers together (>= 1024 elements);
-    # larger pieces convert faster (16-bit leaves), so take all of that
-    return int(min(CHUNK, max(1024, total_bytes // 400 // n_threads // itemsize)))
-
-
-def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
-    """The global ``p``-norm (``p`` 2 or inf) of NumPy arrays, as a Python float."""
+def norm_of_arrays(arrays: Sequence[np.ndarray], p: float, acc: Any = None) -> float:
+    """The global ``p``-norm (``p`` 2 or inf) of NumPy arrays, as a Python float,
+    accumulated in ``acc`` (default: :func:`accumulator`)."""
     size = sum(x.size for x in arrays)
     if math.isinf(p):
 
@@ -159,49 +251,39 @@ def norm_of_arrays(arrays: Sequence[np.ndarray], p: float) -> float:
                 big = max(big, v)
             return big
 
-        vals = _run(_all_chunks(arrays), maxabs, size)
+        vals = _run(arrays, maxabs, size)
         return math.nan if any(math.isnan(v) for v in vals) else max(vals)
 
-    acc = np.dtype(np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32)
-    needs_buf = any(
-        x.dtype != acc or not (x.flags.c_contiguous or x.flags.f_contiguous) for x in arrays
-    )
-    nbuf = _buffer_size(sum(x.nbytes for x in arrays), threads(), np.dtype(acc).itemsize)
-    nbuf = nbuf if needs_buf else 0
-
-    def work(ts: Iterable[np.ndarray]) -> list[tuple[float, float]]:
-        buf = np.empty(nbuf, dtype=acc) if nbuf else None
-        plain = 0.0  # the sums of chunks that needed no scaling (d = 1)
-        scaled = []
-        dot, f32 = np.dot, np.dtype(np.float32)
-        lo, hi = _SAFE[f32]
-        with np.errstate(over="ignore", invalid="ignore"):  # checked in _sumsq
-            for c in ts:
-                if acc == f32 and c.dtype == f32 and c.ndim == 1 and c.flags.c_contiguous:
-                    v = float(dot(c, c))  # the common case, inlined: _sumsq's first step
-                    if lo <= v <= hi:
-                        plain += v
-                        continue
-                pieces = _split(c, buf.size) if buf is not None and c.size > buf.size else (c,)
-                for piece in pieces:
-                    d, v = _sumsq(piece, buf, acc)
-                    if d == 1.0:
-                        plain += v
-                    else:
-                        scaled.append((d, v))
-        return [(1.0, plain), *scaled]
-
-    return _combine2([pair for part in _run(_all_chunks(arrays), work, size) for pair in part])
+    acc = accumulator(arrays) if acc is None else np.dtype(acc)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked: is_safe, _sumsq
+        total = sum_of_squares(arrays, acc, size)
+        if is_safe(total, acc):
+            return math.sqrt(total)
+        # an inf or NaN, huge or tiny values, or zeros: every chunk again, exactly
+        nbuf = _buffer_size(size, acc.itemsize)
+        parts = _run(arrays, lambda ts: _exact_terms(ts, acc, nbuf), size)
+    return _combine2([pair for part in parts for pair in part])
 
 
-def _split(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
-    """``c`` (a chunk of a non-contiguous leaf) in pieces of at most ``n`` elements."""
-    if c.ndim <= 1:
-        for i in range(0, c.shape[0] if c.ndim else 1, n):
-            yield c[i : i + n] if c.ndim else c.reshape(1)
-        return
-    for r in c:
-        yield from _split(r, n)
+def accumulator(arrays: Iterable[np.ndarray]) -> np.dtype:
+    """float64 when any array is float64, else float32."""
+    return np.dtype(np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32)
+
+
+def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> float:
+    """The blocked sum of squares (a dot per chunk, in ``acc``, the chunks added in
+    float64): accurate when :func:`is_safe`; inf or NaN elements make it inf or NaN."""
+    acc = np.dtype(acc)
+    nbuf = _buffer_size(size, acc.itemsize)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return sum(_run(arrays, lambda ts: _plain_sum(ts, acc, nbuf), size))
+
+
+def is_safe(total: float, acc: Any) -> bool:
+    """True when a sum of squares accumulated in ``acc`` lost nothing that matters to
+    overflow or underflow (False for inf and NaN)."""
+    lo, hi = _SAFE_TOTAL[np.dtype(acc)]
+    return lo <= total <= hi
 
 
 def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
@@ -214,7 +296,7 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
 
             with _backends.fast_paths(False):
                 return _norms.tree_norm(tree, p)
-        return np.asarray(norm_of_arrays(tree.leaves, p), dtype=tree.acc_dtype)
+        return np.asarray(norm_of_arrays(tree.leaves, p, tree.acc_dtype), dtype=tree.acc_dtype)
 
     return norm
 
@@ -222,43 +304,61 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
 # -- the scaling ----------------------------------------------------------------------
 
 
-def scale_arrays(pairs: Sequence[tuple[np.ndarray, np.ndarray, Any]]) -> None:
-    """``np.multiply(src, s, out=dst)`` for each ``(src, dst, s)``, chunked on threads."""
+def _scale_work(ts: Iterable[tuple[np.ndarray, np.ndarray]], factors: dict, nbuf: int) -> None:
+    """``b[...] = a * s`` for each pair, ``s`` the factor of ``b``'s dtype: in ``s``'s
+    dtype through a buffer (widen, multiply, round once) where the two differ."""
+    multiply = np.multiply
+    bufs: dict[Any, np.ndarray] = {}
+    for a, b in ts:
+        s = factors[b.dtype]
+        if s.dtype == b.dtype:
+            multiply(a, s, out=b)
+            continue
+        buf = bufs.get(s.dtype)
+        if buf is None:
+            buf = bufs[s.dtype] = np.empty(nbuf, dtype=s.dtype)
+        for pa, pb in zip(_pieces(a, nbuf), _pieces(b, nbuf)):
+            w = buf[: pa.size].reshape(pa.shape)
+            np.copyto(w, pa, casting="unsafe")
+            multiply(w, s, out=w)
+            np.copyto(pb, w, casting="unsafe")
 
-    def tasks() -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
-        for src, dst, s in pairs:
-            if src is dst:
-                for c in chunks(src):
-                    yield c, c, s
-            elif src.flags.c_contiguous and dst.flags.c_contiguous:
-                a, b = src.reshape(-1), dst.reshape(-1)
-                for i in range(0, a.size, CHUNK):
-                    yield a[i : i + CHUNK], b[i : i + CHUNK], s
-            else:
-                yield src, dst, s
 
-    def work(ts: Iterable[tuple[np.ndarray, np.ndarray, Any]]) -> None:
-        for a, b, s in ts:
-            np.multiply(a, s, out=b)
+def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any] = ()) -> None:
+    """Each array times the factor of its dtype (``factors[dtype]``, a 0-d array),
+    into the matching C-contiguous array of ``outs``, or in place when none are given;
+    chunked on threads."""
+    size = sum(x.size for x in arrays)
+    nbuf = _buffer_size(size, 4)
+    if not outs:
+        _run(arrays, lambda ts: _scale_work(((c, c) for c in ts), factors, nbuf), size)
+        return
 
-    _run(tasks(), work, sum(src.size for src, _, _ in pairs))
+    def split(pair: tuple[np.ndarray, np.ndarray]) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        src, dst = pair
+        if not src.flags.c_contiguous:
+            return (pair,)
+        a, b = src.reshape(-1), dst.reshape(-1)
+        return ((a[i : i + CHUNK], b[i : i + CHUNK]) for i in range(0, a.size, CHUNK))
+
+    work = lambda ts: _scale_work(ts, factors, nbuf)  # noqa: E731
+    _run(list(zip(arrays, outs)), work, size, sizeof=lambda t: t[0].size, split=split)
 
 
 def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
     if not all(_supported(x) for x in tree.leaves):
         return None
 
-    def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
+    def scale(tree: _tree.Tree, scale: Any) -> Sequence[Any]:
         casts: dict[Any, Any] = {}
         by_dtype = {x.dtype: x for x in tree.leaves}
         per_dtype = {dt: _clipping._cast(tree, casts, scale, x) for dt, x in by_dtype.items()}
-        factors = [per_dtype[x.dtype] for x in tree.leaves]
         if inplace:
             if float(scale) != 1.0:  # x * 1 is x bit for bit: skip the write
-                scale_arrays([(x, x, s) for x, s in zip(tree.leaves, factors)])
+                scale_arrays(tree.leaves, per_dtype)
             return tree.leaves
         outs = [np.empty_like(x, order="C") for x in tree.leaves]
-        scale_arrays([(x, y, s) for x, y, s in zip(tree.leaves, outs, factors)])
+        scale_arrays(tree.leaves, per_dtype, outs)
         return outs
 
     return scale

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,8 @@ Rebuild = Callable[[Any], Any]
 class Tree:
     """The array leaves of a gradient tree, in order, and how to rebuild it."""
 
-    leaves: list[Any]
-    paths: list[str]
+    leaves: Sequence[Any]
+    paths: Sequence[str]
     xp: Any
     acc_dtype: Any
     device: Any
@@ -81,6 +82,40 @@ def _dtype_kind(xp: Any, dt: Any) -> str:
         except TypeError:  # dtypes unknown to the namespace (ml_dtypes in NumPy)
             break
     return "other"
+
+
+class _IndexPaths(Sequence[str]):
+    """``name[0]``, ``name[1]``, ...: the paths of a flat list, made only when read."""
+
+    def __init__(self, name: str, n: int) -> None:
+        self.name, self.n = name, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return f"{self.name}[{i % self.n}]"
+
+    def __iter__(self) -> Iterator[str]:
+        return (f"{self.name}[{i}]" for i in range(self.n))
+
+
+def _flat_sequence(tree: Any, name: str) -> tuple[Sequence[Any], Sequence[str], Rebuild] | None:
+    """A ``list`` or ``tuple`` of arrays of one type (the common case, thousands of
+    leaves) without a walk per leaf: the sequence itself is the leaves (never written
+    to: promotions make a new list), and its paths are made only if asked for."""
+    typ = type(tree)
+    if (typ is not list and typ is not tuple) or not tree:
+        return None
+    types = set(map(type, tree))
+    if len(types) != 1 or not _compat.is_array_api_obj(tree[0]):
+        return None
+    n = len(tree)
+    return tree, _IndexPaths(name, n), lambda it: typ(itertools.islice(it, n))
 
 
 def _keystr(key: Any) -> str:
@@ -151,9 +186,12 @@ def flatten(
     Integer leaves are promoted to the namespace's default floating dtype when
     ``promote_int`` is true and are a ``TypeError`` otherwise (in-place calls).
     """
-    leaves: list[Any] = []
-    paths: list[str] = []
-    rebuild = _flatten_node(tree, name, leaves, paths)
+    flat = _flat_sequence(tree, name)
+    if flat is not None:
+        leaves, paths, rebuild = flat
+    else:
+        leaves, paths = [], []
+        rebuild = _flatten_node(tree, name, leaves, paths)
     if not leaves:
         if allow_empty:
             return Tree(leaves, paths, None, None, None, rebuild)
@@ -161,10 +199,27 @@ def flatten(
 
     xp = _namespace(leaves, paths)
     dev = _compat.device(leaves[0])
-    kinds = [dtype_kind(xp, x.dtype) for x in leaves]
-    for i, kind in enumerate(kinds):
+    try:
+        kinds = {dt: dtype_kind(xp, dt) for dt in {x.dtype for x in leaves}}
+    except TypeError:  # an unhashable dtype: leaf by leaf
+        kinds = None
+    if kinds is None or any(k not in ("low", "float", "complex") for k in kinds.values()):
+        leaves = _promote_or_raise(xp, leaves, paths, promote_int)
+        kinds = None
+    acc = _compat.accumulation_dtype(xp, [x.dtype for x in leaves] if kinds is None else kinds)
+    return Tree(leaves, paths, xp, acc, dev, rebuild)
+
+
+def _promote_or_raise(
+    xp: Any, leaves: Sequence[Any], paths: Sequence[str], promote_int: bool
+) -> list[Any]:
+    """The leaves with integer ones promoted to the default float (a new list); a
+    ``TypeError`` naming the first leaf that is not floating point."""
+    out = list(leaves)
+    for i, x in enumerate(leaves):
+        kind = dtype_kind(xp, x.dtype)
         if kind == "int" and promote_int:
-            leaves[i] = xp.astype(leaves[i], _compat.default_float(xp, _compat.device(leaves[i])))
+            out[i] = xp.astype(x, _compat.default_float(xp, _compat.device(x)))
         elif kind not in ("low", "float", "complex"):
             hint = (
                 "; integer gradients are promoted only by the functional form, "
@@ -173,15 +228,15 @@ def flatten(
                 else ""
             )
             raise TypeError(
-                f"{paths[i]} has dtype {leaves[i].dtype}, but gradients must be "
-                f"floating point{hint}"
+                f"{paths[i]} has dtype {x.dtype}, but gradients must be floating point{hint}"
             )
-    acc = _compat.accumulation_dtype(xp, {x.dtype: None for x in leaves})  # unique dtypes
-    return Tree(leaves, paths, xp, acc, dev, rebuild)
+    return out
 
 
-def _namespace(leaves: list[Any], paths: list[str]) -> Any:
+def _namespace(leaves: Sequence[Any], paths: Sequence[str]) -> Any:
     """The one namespace of all leaves; a ``TypeError`` naming two that differ."""
+    if len(set(map(type, leaves))) == 1:
+        return _compat.array_namespace(leaves[0])
     seen: dict[type, tuple[Any, int]] = {}
     first: tuple[Any, int] | None = None
     for i, x in enumerate(leaves):
