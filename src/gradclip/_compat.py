@@ -6,6 +6,7 @@ library test, so the choice of backend is made from the input's type in one plac
 
 from __future__ import annotations
 
+import operator
 import sys
 from typing import Any
 
@@ -97,6 +98,10 @@ def writable_problem(x: Any) -> str | None:
     return None
 
 
+_WRITEABLE = operator.attrgetter("flags.writeable")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
 def first_unwritable(leaves: Any) -> tuple[int, str] | None:
     """``(index, why)`` of the first leaf that cannot be scaled in place, or ``None``.
 
@@ -104,14 +109,15 @@ def first_unwritable(leaves: Any) -> tuple[int, str] | None:
     tensors); :func:`writable_problem` leaf by leaf otherwise.
     """
     x = leaves[0]
-    if is_numpy_array(x) and all(type(y) is type(x) for y in leaves):
-        if all([y.flags.writeable for y in leaves]):
+    if is_numpy_array(x) and len(set(map(type, leaves))) == 1:
+        if all(map(_WRITEABLE, leaves)):  # map: no list of 1000s of flags
             return None
     elif (
         is_torch_array(x)
         and not _torch_compiling()
         and not _torch_inference_mode()
-        and not any([y.requires_grad or y.is_inference() for y in leaves])
+        and not any(map(_REQUIRES_GRAD, leaves))
+        and not any(map(sys.modules["torch"].Tensor.is_inference, leaves))
     ):
         return None
     for i, y in enumerate(leaves):

@@ -74,13 +74,15 @@ def _plan(tree: _tree.Tree, process_group: Any, axis_name: Any, replicated: Any)
             "pass process_group= (torch) or axis_name= (JAX), not both: one array library "
             "has one way to communicate"
         )
-    markers = _markers(tree, replicated)
     if axis_name is not None:
-        return _jax_plan(tree, axis_name, markers)
+        return _jax_plan(tree, axis_name, _markers(tree, replicated))
     dtensor = _dtensor_type() if _compat.is_torch_namespace(tree.xp) else None
     has_dtensor = dtensor is not None and any(isinstance(x, dtensor) for x in tree.leaves)
     if process_group is None and not has_dtensor:
+        if replicated is not None:
+            _markers(tree, replicated)  # still checked: a bad tree of markers is an error
         return None
+    markers = _markers(tree, replicated)
     return _torch_plan(tree, process_group, markers, dtensor if has_dtensor else None)
 
 

@@ -40,7 +40,7 @@ __all__ = ["global_norm_impl", "norm_of_arrays", "scale_arrays", "scale_impl"]
 
 CHUNK = 1 << 18  # elements per dot and per task: 1 MiB of float32
 PARALLEL_MIN = 1 << 19  # below this many elements one thread is faster than a pool
-BUFFER_SHARE = 0.005  # the buffers of all threads, as a share of the gradients' bytes
+BUFFER_SHARE = 0.004  # the buffers of all threads, as a share of the gradients' bytes
 # a total sum of squares inside these bounds lost nothing to overflow, and nothing
 # that matters to underflow (each square's absolute error is below 2**-149)
 _SAFE_TOTAL = {
@@ -69,9 +69,12 @@ def _executor() -> ThreadPoolExecutor:
         return _pool[1]
 
 
-def _supported(x: Any) -> bool:
-    dt = x.dtype
-    return dt in _SAFE or (dt.kind == "f" and dt.itemsize == 2) or dt.name == "bfloat16"
+def _supported(tree: _tree.Tree) -> bool:
+    """True when every leaf is real floating point: float16 to float64, bfloat16."""
+    return all(
+        dt in _SAFE or (dt.kind == "f" and dt.itemsize == 2) or dt.name == "bfloat16"
+        for dt in {x.dtype for x in tree.leaves}
+    )
 
 
 def chunks(x: np.ndarray) -> Iterable[np.ndarray]:
@@ -178,19 +181,47 @@ def _widened(pieces: Iterable[np.ndarray], buf: np.ndarray) -> Iterator[np.ndarr
 
 
 def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
-    """The sum of the chunks' dots, in float64 (one read of the memory)."""
+    """The sum of the chunks' dots, in float64 (one read of the memory). Chunks BLAS
+    cannot take as they are are widened into a buffer, packed (one concatenation per
+    run of 1-D pieces), and the buffer dotted when full."""
     total = 0.0
     dot = np.dot
-    buf = None
+    buf = np.empty(0, dtype=acc)
+    batch: list[np.ndarray] = []  # 1-D pieces to be written at buf[fill:used]
+    fill = used = 0
+
+    def write_batch() -> None:
+        nonlocal batch, fill
+        if batch:
+            np.concatenate(batch, out=buf[fill:used], casting="unsafe")
+            batch = []
+        fill = used
+
+    def flush() -> float:
+        nonlocal fill, used
+        write_batch()
+        b = buf[:used]
+        fill = used = 0
+        return float(dot(b, b))
+
     for c in ts:
         if _direct(c, acc):
             total += float(dot(c, c))
             continue
-        if buf is None:
+        if not buf.size:
             buf = np.empty(nbuf, dtype=acc)
-        for b in _widened(_pieces(c, nbuf), buf):
-            total += float(dot(b, b))
-    return total
+        for piece in _pieces(c, nbuf):
+            n = piece.size
+            if used + n > nbuf:
+                total += flush()
+            if piece.ndim == 1:
+                batch.append(piece)
+            else:
+                write_batch()
+                np.copyto(buf[used : used + n].reshape(piece.shape), piece, casting="unsafe")
+                fill = used + n
+            used += n
+    return total + flush() if used else total
 
 
 def _sumsq(c: np.ndarray) -> tuple[float, float]:
@@ -287,7 +318,7 @@ def is_safe(total: float, acc: Any) -> bool:
 
 
 def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
-    if not all(_supported(x) for x in tree.leaves):
+    if not _supported(tree):
         return None  # complex or exotic dtypes: the core
 
     def norm(tree: _tree.Tree, p: float) -> Any:
@@ -304,24 +335,12 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
 # -- the scaling ----------------------------------------------------------------------
 
 
-def _scale_work(ts: Iterable[tuple[np.ndarray, np.ndarray]], factors: dict, nbuf: int) -> None:
+def _scale_work(ts: Iterable[tuple[np.ndarray, np.ndarray]], factors: dict) -> None:
     """``b[...] = a * s`` for each pair, ``s`` the factor of ``b``'s dtype: in ``s``'s
-    dtype through a buffer (widen, multiply, round once) where the two differ."""
+    dtype (float32 for 16-bit leaves), rounded once to ``b``'s."""
     multiply = np.multiply
-    bufs: dict[Any, np.ndarray] = {}
     for a, b in ts:
-        s = factors[b.dtype]
-        if s.dtype == b.dtype:
-            multiply(a, s, out=b)
-            continue
-        buf = bufs.get(s.dtype)
-        if buf is None:
-            buf = bufs[s.dtype] = np.empty(nbuf, dtype=s.dtype)
-        for pa, pb in zip(_pieces(a, nbuf), _pieces(b, nbuf)):
-            w = buf[: pa.size].reshape(pa.shape)
-            np.copyto(w, pa, casting="unsafe")
-            multiply(w, s, out=w)
-            np.copyto(pb, w, casting="unsafe")
+        multiply(a, factors[b.dtype], out=b, casting="unsafe")
 
 
 def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any] = ()) -> None:
@@ -329,9 +348,8 @@ def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any
     into the matching C-contiguous array of ``outs``, or in place when none are given;
     chunked on threads."""
     size = sum(x.size for x in arrays)
-    nbuf = _buffer_size(size, 4)
     if not outs:
-        _run(arrays, lambda ts: _scale_work(((c, c) for c in ts), factors, nbuf), size)
+        _run(arrays, lambda ts: _scale_work(((c, c) for c in ts), factors), size)
         return
 
     def split(pair: tuple[np.ndarray, np.ndarray]) -> Iterable[tuple[np.ndarray, np.ndarray]]:
@@ -341,12 +359,12 @@ def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any
         a, b = src.reshape(-1), dst.reshape(-1)
         return ((a[i : i + CHUNK], b[i : i + CHUNK]) for i in range(0, a.size, CHUNK))
 
-    work = lambda ts: _scale_work(ts, factors, nbuf)  # noqa: E731
+    work = lambda ts: _scale_work(ts, factors)  # noqa: E731
     _run(list(zip(arrays, outs)), work, size, sizeof=lambda t: t[0].size, split=split)
 
 
 def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
-    if not all(_supported(x) for x in tree.leaves):
+    if not _supported(tree):
         return None
 
     def scale(tree: _tree.Tree, scale: Any) -> Sequence[Any]:

@@ -21,7 +21,10 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,7 +60,15 @@ def _kind(tree: _tree.Tree) -> str | None:
 
 
 _TYPES = {torch.Tensor, torch.nn.Parameter}
-SMALL = 1 << 15  # CPU tensors up to this size: torch._foreach_norm, not a NumPy view
+_IS_CPU = operator.attrgetter("is_cpu")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+# the buffer small CPU tensors are concatenated into: at most this share of the
+# gradients' bytes, and this many elements
+CAT_SHARE, CAT_MAX = 0.008, 1 << 16
+
+
+def _dtypes(tree: _tree.Tree) -> set[Any]:
+    return _cached(tree, "dtypes", lambda tree: {x.dtype for x in tree.leaves})
 
 
 def _find_kind(tree: _tree.Tree) -> str | None:
@@ -67,14 +78,15 @@ def _find_kind(tree: _tree.Tree) -> str | None:
     types = set(map(type, leaves))
     if not types <= _TYPES:
         return None  # DTensor and other subclasses: their own dispatch, in the core
-    if not {x.dtype for x in leaves} <= _FLOATS:
+    dtypes = _dtypes(tree)
+    if not dtypes <= _FLOATS:
         return None
-    if any([x.requires_grad for x in leaves]):
+    if any(map(_REQUIRES_GRAD, leaves)):
         return None  # autograd history: the core's ops are differentiable
     if any(map(torch._C._functorch.is_functorch_wrapped_tensor, leaves)):
         return None
-    host = types == {torch.Tensor} and all([x.is_cpu for x in leaves])
-    if host and any(x.dtype == torch.bfloat16 for x in leaves if x.numel() > SMALL):
+    host = types == {torch.Tensor} and all(map(_IS_CPU, leaves))
+    if host and torch.bfloat16 in dtypes:
         host = _importable("ml_dtypes")
     return "host" if host else "device"
 
@@ -87,8 +99,13 @@ def _numpy_view(x: torch.Tensor) -> Any:
     return x.numpy()
 
 
-def _groups(leaves: Sequence[torch.Tensor]) -> dict[tuple[Any, Any], list[int]]:
-    """``{(device, dtype): indices}`` of the leaves (torch's own C++ grouping)."""
+def _groups(
+    leaves: Sequence[torch.Tensor], one_cpu_dtype: bool = False
+) -> dict[tuple[Any, Any], Sequence[int]]:
+    """``{(device, dtype): indices}`` of the leaves (torch's own C++ grouping); one
+    group when they are known to share a dtype on the CPU."""
+    if one_cpu_dtype:
+        return {(leaves[0].device, leaves[0].dtype): range(len(leaves))}
     group = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
     if group is not None and leaves:
         return {key: idx for key, (_, idx) in group([list(leaves)], True).items()}
@@ -98,8 +115,12 @@ def _groups(leaves: Sequence[torch.Tensor]) -> dict[tuple[Any, Any], list[int]]:
     return groups
 
 
-def _tree_groups(tree: _tree.Tree) -> dict[tuple[Any, Any], list[int]]:
-    return _cached(tree, "groups", lambda tree: _groups(tree.leaves))
+def _tree_groups(tree: _tree.Tree) -> dict[tuple[Any, Any], Sequence[int]]:
+    return _cached(tree, "groups", lambda tree: _groups(tree.leaves, _one_cpu_dtype(tree)))
+
+
+def _one_cpu_dtype(tree: _tree.Tree) -> bool:
+    return _kind(tree) == "host" and len(_dtypes(tree)) == 1
 
 
 def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
@@ -139,29 +160,62 @@ def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
 
 
 def _host_norm(tree: _tree.Tree, p: float) -> Any:
-    """The norm of plain CPU tensors: NumPy's blocked sum for the large ones, foreach
-    norms for the small ones, added in float64 and checked on the host."""
+    """The norm of plain CPU tensors: NumPy's blocked sum over views of the larger
+    ones, batches of the small ones concatenated into a buffer, added in float64 and
+    checked on the host."""
     acc = tree.acc_dtype
     np_acc = _fast_numpy.np.float64 if acc == torch.float64 else _fast_numpy.np.float32
     if math.isinf(p):
         value = _fast_numpy.norm_of_arrays([_numpy_view(x) for x in tree.leaves], p)
         return torch.tensor(value, dtype=acc)
-    big, small, size = [], [], 0
-    for x in tree.leaves:
-        n = x.numel()
-        if n > SMALL:
-            big.append(_numpy_view(x))
-            size += n
-        elif n:
-            small.append(x)
-    total = _fast_numpy.sum_of_squares(big, np_acc, size) if big else 0.0
-    for idx in _groups(small).values():
-        norms = torch._foreach_norm([small[i] for i in idx], 2, dtype=acc)
-        total += float(torch.stack(norms).to(torch.float64).square().sum())
+    sizes = list(map(torch.Tensor.numel, tree.leaves))
+    size = sum(sizes)
+    nbuf = min(CAT_MAX, max(1024, int(size * CAT_SHARE)))
+    big, small, big_size = [], [], 0
+    if min(sizes) > 0 and max(sizes) * 4 <= nbuf:  # all small (many small tensors)
+        small = tree.leaves
+    else:
+        for x, n in zip(tree.leaves, sizes):
+            if n * 4 > nbuf:
+                big.append(_numpy_view(x))
+                big_size += n
+            elif n:
+                small.append(x)
+    total = _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
+    total += _concatenated_sum(small, acc, nbuf, _one_cpu_dtype(tree))
     if not _fast_numpy.is_safe(total, np_acc):  # every tensor again, exactly
         views = [_numpy_view(x) for x in tree.leaves]
         return torch.tensor(_fast_numpy.norm_of_arrays(views, p, np_acc), dtype=acc)
     return torch.tensor(math.sqrt(total), dtype=acc)
+
+
+def _concatenated_sum(xs: Sequence[torch.Tensor], acc: Any, nbuf: int, one_dtype: bool) -> float:
+    """The sum of squares of small CPU tensors, in batches concatenated into a buffer
+    of their dtype (``torch.cat``: one copy per tensor, in C++), each batch's norm
+    accumulated in ``acc``: one call per batch instead of one per tensor."""
+    total = 0.0
+    for idx in _groups(xs, one_dtype).values() if xs else ():
+        group = [xs[i] for i in idx] if len(idx) < len(xs) else xs
+        if set(map(torch.Tensor.dim, group)) != {1}:
+            group = [x.reshape(-1) for x in group]
+        ends = list(itertools.accumulate(map(torch.Tensor.numel, group)))
+        dtype = group[0].dtype
+        buf = torch.empty(min(nbuf, ends[-1]), dtype=dtype)
+        views: dict[int, torch.Tensor] = {}  # buf[:n] by n (slicing costs ~1 us)
+        start = base = 0
+        while start < len(group):
+            stop = max(start + 1, bisect.bisect_right(ends, base + nbuf, lo=start))
+            n = ends[stop - 1] - base
+            v = views.get(n)
+            if v is None:
+                v = views[n] = buf[:n]
+            torch.cat(group[start:stop], out=v)
+            if dtype == acc:  # one BLAS dot
+                total += float(torch.dot(v, v))
+            else:
+                total += float(torch.linalg.vector_norm(v, dtype=acc)) ** 2
+            start, base = stop, ends[stop - 1]
+    return total
 
 
 def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
