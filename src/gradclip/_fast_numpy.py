@@ -134,11 +134,12 @@ def _run(
     *,
     sizeof: Callable[[Any], int] = np.size,
     split: Callable[[Any], Iterable[Any]] = chunks,
+    threads: int | None = None,
 ) -> list[Any]:
     """``work`` over the chunks of ``items``: on one thread for small inputs, else on
     one contiguous run of about equal size per thread (nothing is listed: each
     thread walks the items and takes its own chunks)."""
-    n = _threads_for(size)
+    n = _threads_for(size) if threads is None else threads
     if n == 1:
         return [work(itertools.chain.from_iterable(map(split, items)))]
     runs = [_ranged(items, sizeof, split, size * k // n, size * (k + 1) // n) for k in range(n)]
@@ -157,11 +158,16 @@ def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
             yield from _pieces(r, n)
 
 
-def _buffer_size(size: int, itemsize: int) -> int:
+def _buffer_size(size: int, itemsize: int, n_threads: int | None = None) -> int:
     """Elements of each thread's buffer for ``size`` elements of gradients (each of at
     least 2 bytes): all buffers together stay within ``BUFFER_SHARE`` of their bytes."""
-    share = int(2 * size * BUFFER_SHARE) // _threads_for(size) // itemsize
-    return min(CHUNK, max(1024, share))
+    n = _threads_for(size) if n_threads is None else n_threads
+    return min(CHUNK, max(1024, int(2 * size * BUFFER_SHARE) // n // itemsize))
+
+
+# threads pay for buffered (widened) chunks only when the pieces are this large:
+# each piece is a few NumPy calls that take the GIL between them
+BUFFERED_PARALLEL_MIN = 1 << 17
 
 
 def _direct(c: np.ndarray, acc: np.dtype) -> bool:
@@ -305,9 +311,12 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
     """The blocked sum of squares (a dot per chunk, in ``acc``, the chunks added in
     float64): accurate when :func:`is_safe`; inf or NaN elements make it inf or NaN."""
     acc = np.dtype(acc)
+    n_threads = _threads_for(size)
     nbuf = _buffer_size(size, acc.itemsize)
+    if nbuf < BUFFERED_PARALLEL_MIN and any(dt != acc for dt in {x.dtype for x in arrays}):
+        n_threads, nbuf = 1, _buffer_size(size, acc.itemsize, 1)
     with np.errstate(over="ignore", invalid="ignore"):
-        return sum(_run(arrays, lambda ts: _plain_sum(ts, acc, nbuf), size))
+        return sum(_run(arrays, lambda ts: _plain_sum(ts, acc, nbuf), size, threads=n_threads))
 
 
 def is_safe(total: float, acc: Any) -> bool:
