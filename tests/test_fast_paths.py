@@ -255,6 +255,82 @@ def test_numpy_in_place_extra_memory_below_one_percent(dt):
     assert peak <= 0.01 * nbytes, (peak, nbytes)
 
 
+@pytest.mark.parametrize("dt", ["float32", "bfloat16"])
+def test_numpy_many_small_leaves_extra_memory_below_one_percent(dt):
+    """2000 leaves of 256 elements (the benchmark's third set): the call keeps no
+    per-leaf objects (no copy of the list, no paths, no list of views), so its peak
+    stays under 1 % of the gradients' bytes, Python objects included."""
+    b = make_backend("numpy")
+    rng = np.random.default_rng(9)
+    grads = [b.asarray(rng.standard_normal(256), dt) for _ in range(2000)]
+    nbytes = sum(x.nbytes for x in grads)
+    gc.clip_by_global_norm_(grads, 1.0)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        gc.clip_by_global_norm_(grads, 0.5)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= 0.01 * nbytes, (peak, nbytes)
+
+
+def test_flat_list_paths_name_the_leaf():
+    grads = [np.ones(3), np.ones(2), np.ones(4)]
+    grads[1].flags.writeable = False
+    with pytest.raises(TypeError, match=r"grads\[1\] cannot be clipped in place"):
+        gc.clip_by_global_norm_(grads, 1.0)
+    assert grads[0][0] == 1.0  # nothing written
+    with pytest.raises(TypeError, match=r"grads\[2\] has dtype int64"):
+        gc.clip_by_global_norm_([np.ones(2), np.ones(2), np.ones(2, dtype=np.int64)], 1.0)
+
+
+# -- torch: the CPU paths (blocked rows, concatenated small tensors, NumPy views) -------------
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_torch_cpu_many_small_and_large_tensors_match_core(inplace):
+    """Hundreds of small tensors of two dtypes (concatenated in batches), large ones
+    (blocked rows; bfloat16 widened through the buffer), a strided one (NumPy views):
+    the same norm as the core to a few ulps, the same clipped values."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+
+    def make():
+        g.manual_seed(0)
+        xs = [
+            torch.randn(int(n), generator=g) * 3
+            for n in torch.randint(1, 300, (400,), generator=g)
+        ]
+        xs += [torch.randn(5, 7, generator=g).to(torch.bfloat16) for _ in range(50)]
+        xs += [
+            torch.randn(70_001, generator=g),
+            torch.randn(300, 257, generator=g).to(torch.bfloat16),
+        ]
+        xs.append(torch.randn(600, 500, generator=g).t())  # strided
+        return xs
+
+    a, n1, b, n2 = _clip_both(make_backend("torch"), make, inplace, eps=1e-6)
+    assert float(n1) == pytest.approx(float(n2), rel=ULPS * 2.0**-23)
+    exact = ref_norm([x.double().numpy() for x in make()], 2)
+    assert float(n1) == pytest.approx(exact, rel=ULPS * 2.0**-23)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        eps = 2.0**-7 if x.dtype == torch.bfloat16 else 2.0**-23
+        np.testing.assert_allclose(x.double().numpy(), y.double().numpy(), rtol=2 * eps)
+
+
+def test_torch_cpu_extreme_values_take_the_exact_path():
+    torch = pytest.importorskip("torch")
+    for values, dt in (([3e30, 4e30], torch.float32), ([3e-30, 4e-30], torch.float32),
+                       ([1e30] * 2000, torch.bfloat16)):  # fmt: skip
+        xs = [torch.tensor(values, dtype=dt)] + [torch.tensor(values[:1], dtype=dt)] * 300
+        exact = ref_norm([x.double().numpy() for x in xs], 2)
+        got = float(gc.global_norm(xs))
+        assert math.isfinite(got) and got == pytest.approx(exact, rel=1e-6)
+
+
 # -- torch: the device path, run on the CPU --------------------------------------------------
 
 

@@ -1,14 +1,22 @@
-"""PyTorch fast path: grouped (foreach) norms and scaling, the NumPy kernel on CPU.
+"""PyTorch fast path: blocked norms on the CPU, grouped (foreach) norms elsewhere.
 
 * Plain CPU tensors (eager, not traced by ``torch.compile`` or ``torch.func``, no
-  autograd history): the blocked sum of squares of :mod:`gradclip._fast_numpy` on
-  the large tensors' own memory (zero-copy NumPy views: a BLAS dot per chunk, on all
-  cores) plus one ``torch._foreach_norm`` per dtype over the small ones (a C++ loop,
-  ~1 us a tensor), added in float64. CPU memory is host memory, so the total is
-  checked on the host at no cost; where it could have overflowed or underflowed
-  every tensor is recomputed exactly by the NumPy path. torch's own CPU
-  ``_foreach_norm`` is slower on large tensors (~1 ms per 2^20 elements on one
-  thread) and inaccurate (relative error ~1e-3 at 2^25 elements).
+  autograd history): a blocked sum of squares, added in float64 and checked on the
+  host (CPU memory is host memory: reading it waits on nothing):
+
+  - large contiguous tensors as rows of ``BLOCK`` elements, one
+    ``torch.linalg.vector_norm(..., dim=1)`` per tensor (16-bit ones widened piece by
+    piece into a bounded float32 buffer first): torch's own threads, and short rows
+    keep its few float32 accumulators accurate (a flat ``vector_norm`` of 2^25
+    elements is off by ~1e-3);
+  - small tensors concatenated in batches into a bounded buffer (``torch.cat``, a
+    copy per tensor in C++), one norm per batch: thousands of tensors cost a few
+    hundred calls, not one each (``torch._foreach_norm`` on the CPU is a loop of
+    ~1 us per tensor);
+  - strided tensors through :mod:`gradclip._fast_numpy` on zero-copy views.
+
+  When the total could have overflowed or underflowed (inf, NaN, huge or tiny
+  values, zeros), every tensor is recomputed exactly by the NumPy path.
 * Any other device (CUDA, MPS, ...): the core's per-leaf terms ``(m, s)`` from
   ``torch._foreach_norm`` over each (device, dtype) group (one fused launch per group
   instead of several kernels per leaf), combined by the core's ``_combine``. float16
