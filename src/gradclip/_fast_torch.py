@@ -69,7 +69,6 @@ def _kind(tree: _tree.Tree) -> str | None:
 
 _TYPES = {torch.Tensor, torch.nn.Parameter}
 _IS_CPU = operator.attrgetter("is_cpu")
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 # the buffer small CPU tensors are concatenated into: at most this share of the
 # gradients' bytes, and this many elements
 CAT_SHARE, CAT_MAX = 0.008, 1 << 16
@@ -92,7 +91,7 @@ def _find_kind(tree: _tree.Tree) -> str | None:
     dtypes = _dtypes(tree)
     if not dtypes <= _FLOATS:
         return None
-    if any(map(_REQUIRES_GRAD, leaves)):
+    if any(map(_compat._REQUIRES_GRAD, leaves)):
         return None  # autograd history: the core's ops are differentiable
     if any(map(torch._C._functorch.is_functorch_wrapped_tensor, leaves)):
         return None
