@@ -316,6 +316,25 @@ def test_torch_cpu_many_small_and_large_tensors_match_core(inplace):
         np.testing.assert_allclose(x.double().numpy(), y.double().numpy(), rtol=2 * eps)
 
 
+@pytest.mark.parametrize("dt", ["bfloat16", "float16"])
+def test_torch_cpu_widened_multiply_is_torchs_own_bit_for_bit(dt):
+    """16-bit tensors scaled through the float32 buffer (large contiguous ones, in
+    pieces) or by ``_foreach_mul_`` (small or strided ones) round exactly as torch's
+    own ``mul_`` by a float32 scale: once, from the float32 product."""
+    torch = pytest.importorskip("torch")
+    from gradclip import _fast_torch
+
+    g = torch.Generator().manual_seed(3)
+    dtype = getattr(torch, dt)
+    xs = [torch.randn(n, generator=g).to(dtype) for n in (100_003, 4096, 17, 1)]
+    xs.append(torch.randn(300, 200, generator=g).to(dtype).t())  # strided
+    s = torch.tensor(0.7071067, dtype=torch.float32)
+    want = [x.clone().mul_(s) for x in xs]
+    _fast_torch._widened_mul_(xs, s, 4096)
+    for x, w in zip(xs, want):
+        assert torch.equal(x, w)
+
+
 def test_torch_cpu_extreme_values_take_the_exact_path():
     torch = pytest.importorskip("torch")
     for values, dt in (([3e30, 4e30], torch.float32), ([3e-30, 4e-30], torch.float32),
@@ -383,6 +402,30 @@ def test_jax_eager_call_is_compiled_once():
     jitted, n3 = jax.jit(lambda g: gc.clip_by_global_norm(g, 0.5))(g)
     assert float(n3) == float(n2)
     np.testing.assert_array_equal(np.asarray(jitted["a"]), np.asarray(out2["a"]))
+
+
+@pytest.mark.parametrize("nonfinite", ["propagate", "zero"])
+def test_jax_traced_multiply_reads_the_leaves_behind_a_barrier(nonfinite):
+    """Under jit the multiply reads each leaf through ``optimization_barrier`` (else XLA
+    shares a float32 copy of every bfloat16 leaf between the norm and the multiply,
+    3x slower), and the values are the core's."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    g = [jnp.linspace(-3, 3, 64, dtype=jnp.bfloat16), jnp.arange(8, dtype=jnp.bfloat16)]
+
+    def clip(g):
+        return gc.clip_by_global_norm(g, 1.0, nonfinite=nonfinite)
+
+    assert str(jax.make_jaxpr(clip)(g)).count("optimization_barrier") == len(g)
+    out, n = jax.jit(clip)(g)
+    with _backends.fast_paths(False):
+        ref, rn = clip(g)
+        # a new function: make_jaxpr caches its traces by function
+        assert "optimization_barrier" not in str(jax.make_jaxpr(lambda g: clip(g))(g))
+    assert float(n) == pytest.approx(float(rn), rel=ULPS * 2.0**-23)
+    for a, b in zip(out, ref):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 # -- CuPy: the planning and the kernel's arithmetic, on the CPU --------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _compat
 
-__all__ = ["clip_impl", "enabled", "fast_paths", "global_norm_impl", "scale_impl"]
+__all__ = ["barrier", "clip_impl", "enabled", "fast_paths", "global_norm_impl", "scale_impl"]
 
 # Per thread; not a ContextVar, whose get/set torch.compile cannot trace (graph breaks).
 _STATE = threading.local()
@@ -78,3 +78,11 @@ def clip_impl(tree: Any, *, nonfinite: str) -> Any:
     mod = _module(tree)
     impl = getattr(mod, "clip_impl", None)
     return None if impl is None else impl(tree, nonfinite=nonfinite)
+
+
+def barrier(tree: Any, scale: Any) -> tuple[Any, Any]:
+    """``(tree, scale)`` as the multiply should read them: the same values, kept by
+    the library's compiler from being fused with the norm (JAX under a trace), or
+    unchanged."""
+    impl = getattr(_module(tree), "barrier", None)
+    return (tree, scale) if impl is None else impl(tree, scale)

@@ -19,7 +19,9 @@ norm, inf and NaN propagate (NaN first), and the result is the core's to a few u
 accumulator go through a small float32 buffer per thread, a piece at a time: the norm
 widens each piece and dots it; the scaling widens, multiplies in float32 and rounds
 back once (as the core). The buffers are the only arrays allocated: together at most
-``BUFFER_SHARE`` of the gradients' bytes.
+``BUFFER_SHARE`` of the gradients' bytes (half that for small inputs), and at most
+``BUFFER_MAX`` elements each, so a piece stays in the L2 cache between its widening
+and its dot.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ __all__ = ["global_norm_impl", "norm_of_arrays", "scale_arrays", "scale_impl"]
 
 CHUNK = 1 << 18  # elements per dot and per task: 1 MiB of float32
 PARALLEL_MIN = 1 << 19  # below this many elements one thread is faster than a pool
-BUFFER_SHARE = 0.004  # the buffers of all threads, as a share of the gradients' bytes
+BUFFER_SHARE = 0.008  # the buffers of all threads, as a share of the gradients' bytes
+SMALL_SIZE = 1 << 22  # below this many elements, half the share: the call's fixed costs
+# (Python objects, NumPy's ufunc buffers: a few KiB) count against the same 1 %
+BUFFER_MAX = 1 << 17  # elements of one thread's buffer (larger ones fall out of L2)
 # a total sum of squares inside these bounds lost nothing to overflow, and nothing
 # that matters to underflow (each square's absolute error is below 2**-149)
 _SAFE_TOTAL = {
@@ -162,7 +167,8 @@ def _buffer_size(size: int, itemsize: int, n_threads: int | None = None) -> int:
     """Elements of each thread's buffer for ``size`` elements of gradients (each of at
     least 2 bytes): all buffers together stay within ``BUFFER_SHARE`` of their bytes."""
     n = _threads_for(size) if n_threads is None else n_threads
-    return min(CHUNK, max(1024, int(2 * size * BUFFER_SHARE) // n // itemsize))
+    share = BUFFER_SHARE if size >= SMALL_SIZE else BUFFER_SHARE / 2
+    return min(BUFFER_MAX, max(1024, int(2 * size * share) // n // itemsize))
 
 
 # threads pay for buffered (widened) chunks only when the pieces are this large:

@@ -24,7 +24,9 @@
   maxima first and then the norms of the leaves divided by them.
 * Scaling: ``torch._foreach_mul_`` per (device, dtype) group with the scale as a 0-d
   tensor, so there is no host synchronisation (on the CPU a scale of exactly 1 writes
-  nothing).
+  nothing). Large contiguous 16-bit CPU tensors go piece by piece through a float32
+  buffer instead (widen, multiply, round back: torch's own result, bit for bit, at
+  about twice the speed of its 16-bit kernel on memory that is not in cache).
 """
 
 from __future__ import annotations
@@ -197,13 +199,40 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
                 big.append(_numpy_view(x))
                 big_size += n
     total = _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
-    wide = min(WIDE_MAX, max(BLOCK << 4, int(size * CAT_SHARE) // 2 // BLOCK * BLOCK))
-    total += _blocked_sum(rows, acc, wide)
+    total += _blocked_sum(rows, acc, _wide_size(tree, size))
     total += _concatenated_sum(small, acc, nbuf, _one_cpu_dtype(tree))
     if not _fast_numpy.is_safe(total, np_acc):  # every tensor again, exactly
         views = [_numpy_view(x) for x in tree.leaves]
         return torch.tensor(_fast_numpy.norm_of_arrays(views, p, np_acc), dtype=acc)
     return torch.tensor(math.sqrt(total), dtype=acc)
+
+
+def _wide_size(tree: _tree.Tree, size: int | None = None) -> int:
+    """Elements of the float32 buffer 16-bit tensors are widened into: a multiple of
+    ``BLOCK``, at most ``WIDE_MAX`` and half of ``CAT_SHARE`` of the gradients' bytes."""
+    if size is None:
+        size = sum(map(torch.Tensor.numel, tree.leaves))
+    return min(WIDE_MAX, max(BLOCK << 4, int(size * CAT_SHARE) // 2 // BLOCK * BLOCK))
+
+
+def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int) -> None:
+    """``x *= s`` for 16-bit CPU tensors, ``s`` a float32 0-d tensor: large contiguous
+    tensors piece by piece through a float32 buffer of ``nbuf`` elements (widen,
+    multiply, round back once: what torch's own 16-bit ``mul_`` computes, at about
+    twice its speed, since its 16-bit kernel converts element by element), the others
+    with ``torch._foreach_mul_``."""
+    large = [x for x in xs if x.numel() >= nbuf // 4 and x.is_contiguous()]
+    if len(large) < len(xs):
+        torch._foreach_mul_([x for x in xs if x.numel() < nbuf // 4 or not x.is_contiguous()], s)
+    if not large:
+        return
+    buf = torch.empty(nbuf, dtype=torch.float32)
+    for x in large:
+        for piece in torch.split(x.view(-1), nbuf):
+            b = buf[: piece.numel()]
+            b.copy_(piece)
+            b.mul_(s)
+            piece.copy_(b)
 
 
 def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
@@ -306,7 +335,9 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
         for (_, dtype), idx in _tree_groups(tree).items():
             xs = [tree.leaves[i] for i in idx]
             s = _clipping._cast(tree, casts, scale, xs[0])
-            if inplace:
+            if inplace and host and s.dtype != dtype:
+                _widened_mul_(xs, s, _wide_size(tree))
+            elif inplace:
                 torch._foreach_mul_(xs, s)
             else:
                 low = s.dtype != dtype  # 16-bit leaves: multiply in float32, round once
