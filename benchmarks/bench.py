@@ -125,8 +125,9 @@ class Halver:
         return self.norm0 / 2.0**self.n
 
     def restore(self) -> None:
-        for x in self.data:
-            x *= 2.0**self.n  # a weak Python scalar: the leaves' own dtype, exact
+        if self.n:
+            for x in self.data:
+                x *= 2.0**self.n  # a weak Python scalar: the leaves' own dtype, exact
         self.n = 0
         for h in self.others:
             h.restore()
@@ -280,7 +281,12 @@ def _tracemalloc_peak(call: Callable[[], Any]) -> int:
         tracemalloc.stop()
 
 
+SETTLE = 0.5  # seconds of quiet before each case: the previous case's worker threads
+# (torch's OpenMP, XLA's, NumPy's pool) stop spinning and leave the cores to it
+
+
 def measure(call: Call, library: str, warmup: int, repeats: int) -> dict[str, Any]:
+    time.sleep(SETTLE)
     k = 0
     for _ in range(warmup):
         _wait(call(k))
@@ -554,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default=",".join(shape_sets.SETS))
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, for the test suite")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -1,8 +1,8 @@
 """NumPy fast path: the global norm and the scaling in chunks, on a few threads.
 
 NumPy's ufuncs run on one thread but release the GIL, so large leaves are cut into
-chunks of ``CHUNK`` elements (views, never copies) and the chunks split, by size,
-into one contiguous run per thread.
+chunks of ``CHUNK`` elements (views, never copies) that a few threads claim one by
+one.
 
 The 2-norm is a blocked sum: one BLAS dot (``sdot``/``ddot``, one read of the
 memory) per chunk, the chunks' results added in float64. When that total lies well
@@ -108,24 +108,15 @@ def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
                 yield x[i : i + step]
 
 
-def _ranged(
-    items: Iterable[Any], sizeof: Callable[[Any], int], split: Callable, lo: int, hi: int
-) -> Iterator[Any]:
-    """The chunks (``split(item)``) of ``items`` whose first element lies in ``[lo, hi)``
-    of the items' elements counted in order: lazily, skipping whole items outside."""
-    off = 0
-    for item in items:
-        end = off + sizeof(item)
-        if off >= hi:
-            return
-        if end > lo:
-            for c in split(item):
-                if off >= hi:
-                    return
-                if off >= lo:
-                    yield c
-                off += sizeof(c)
-        off = end
+def _claimed(items: Iterable[Any], split: Callable, tickets: Iterator[int]) -> Iterator[Any]:
+    """The chunks (``split(item)``) of ``items`` whose ordinals this thread claims from
+    the shared ``tickets``: one at a time, each when the last is done, so threads that
+    run slower (memory further away, a core shared with another tenant) take fewer."""
+    want = next(tickets)
+    for i, c in enumerate(itertools.chain.from_iterable(map(split, items))):
+        if i == want:
+            yield c
+            want = next(tickets)
 
 
 def _threads_for(size: int) -> int:
@@ -137,18 +128,18 @@ def _run(
     work: Callable[[Iterable[Any]], Any],
     size: int,
     *,
-    sizeof: Callable[[Any], int] = np.size,
     split: Callable[[Any], Iterable[Any]] = chunks,
     threads: int | None = None,
 ) -> list[Any]:
     """``work`` over the chunks of ``items``: on one thread for small inputs, else on
-    one contiguous run of about equal size per thread (nothing is listed: each
-    thread walks the items and takes its own chunks)."""
+    a few threads that claim the chunks one by one (``itertools.count`` is atomic
+    under the GIL; nothing is listed: each thread walks the items and takes the
+    chunks it claimed)."""
     n = _threads_for(size) if threads is None else threads
     if n == 1:
         return [work(itertools.chain.from_iterable(map(split, items)))]
-    runs = [_ranged(items, sizeof, split, size * k // n, size * (k + 1) // n) for k in range(n)]
-    return list(_executor().map(work, runs))
+    tickets = itertools.count()
+    return list(_executor().map(lambda _: work(_claimed(items, split, tickets)), range(n)))
 
 
 def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
@@ -375,7 +366,7 @@ def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any
         return ((a[i : i + CHUNK], b[i : i + CHUNK]) for i in range(0, a.size, CHUNK))
 
     work = lambda ts: _scale_work(ts, factors)  # noqa: E731
-    _run(list(zip(arrays, outs)), work, size, sizeof=lambda t: t[0].size, split=split)
+    _run(list(zip(arrays, outs)), work, size, split=split)
 
 
 def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
