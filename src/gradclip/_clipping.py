@@ -114,8 +114,7 @@ def clip_by_global_norm(
     norm = _distributed.tree_norm(
         tree, p, process_group=process_group, axis_name=axis_name, replicated=replicated
     )
-    scale = _scale(tree, norm, max_norm, eps, nonfinite)
-    return tree.unflatten(_apply(tree, scale, norm, nonfinite, inplace=False)), norm
+    return tree.unflatten(_clip(tree, norm, max_norm, eps, nonfinite, inplace=False)[0]), norm
 
 
 def clip_by_global_norm_(
@@ -157,8 +156,7 @@ def clip_by_global_norm_(
     norm = _distributed.tree_norm(
         tree, p, process_group=process_group, axis_name=axis_name, replicated=replicated
     )
-    scale = _scale(tree, norm, max_norm, eps, nonfinite)
-    _apply(tree, scale, norm, nonfinite, inplace=True)
+    _clip(tree, norm, max_norm, eps, nonfinite, inplace=True)
     return norm
 
 
@@ -230,6 +228,16 @@ def _prepare(
             "use the functional form gradclip.clip_by_global_norm, which returns new arrays"
         )
     return tree, p, max_norm, nonfinite
+
+
+def _clip(
+    tree: _tree.Tree, norm: Any, max_norm: Any, eps: float, nonfinite: str, *, inplace: bool
+) -> tuple[list[Any], Any]:
+    """Every leaf times ``min(1, max_norm / (norm + eps))`` under the ``nonfinite``
+    policy, given the tree's global ``norm``: ``(leaves, scale)``. The one step that
+    every clip by global norm ends with (plain, adaptive, torch's hook, optax's)."""
+    scale = _scale(tree, norm, max_norm, eps, nonfinite)
+    return _apply(tree, scale, norm, nonfinite, inplace=inplace), scale
 
 
 def _scale(tree: _tree.Tree, norm: Any, max_norm: Any, eps: float, nonfinite: str) -> Any:

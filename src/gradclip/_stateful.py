@@ -26,7 +26,7 @@ import numbers
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from . import _checks, _compat, _norms, _tree
-from ._clipping import _apply, _prepare, clip_scale
+from ._clipping import _clip, _prepare
 
 __all__ = [
     "AdaptiveClipper",
@@ -92,9 +92,8 @@ def clip_adaptive(
     (True, 1.1077)
     """
     tree, p, _, _ = _prepare(grads, 0.0, ord, eps, "propagate", inplace=False)
-    norm, max_norm, scale, state = _step(tree, p, clipper, state, eps)
-    out = tree.unflatten(_apply(tree, scale, norm, "propagate", inplace=False))
-    return out, state, _info(tree, norm, max_norm, scale)
+    leaves, state, info = _step(tree, p, clipper, state, eps, inplace=False)
+    return tree.unflatten(leaves), state, info
 
 
 def clip_adaptive_(
@@ -111,18 +110,20 @@ def clip_adaptive_(
     Every leaf is checked before any is written.
     """
     tree, p, _, _ = _prepare(grads, 0.0, ord, eps, "propagate", inplace=True)
-    norm, max_norm, scale, state = _step(tree, p, clipper, state, eps)
-    _apply(tree, scale, norm, "propagate", inplace=True)
-    return state, _info(tree, norm, max_norm, scale)
+    return _step(tree, p, clipper, state, eps, inplace=True)[1:]
 
 
-def _step(tree: _tree.Tree, p: float, clipper: Any, state: Any, eps: float) -> tuple:
+def _step(
+    tree: _tree.Tree, p: float, clipper: Any, state: Any, eps: float, *, inplace: bool
+) -> tuple[list[Any], Any, ClipInfo]:
+    """``(leaves, new_state, info)``: the norm, the clipper's threshold, the clip."""
     norm = _norms.tree_norm(tree, p)
     max_norm, state = clipper.threshold(state, norm)
     max_norm = _compat.as_array(tree.xp, max_norm)
     if max_norm.dtype != norm.dtype:
         max_norm = tree.xp.astype(max_norm, norm.dtype)
-    return norm, max_norm, clip_scale(norm, max_norm, eps), state
+    leaves, scale = _clip(tree, norm, max_norm, eps, "propagate", inplace=inplace)
+    return leaves, state, _info(tree, norm, max_norm, scale)
 
 
 def _info(tree: _tree.Tree, norm: Any, max_norm: Any, scale: Any) -> ClipInfo:

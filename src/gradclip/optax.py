@@ -368,8 +368,8 @@ def _with_clipper(
         norm = _norms.tree_norm(tree, p)
         dt = state.norm.dtype  # the state keeps its dtypes from step to step
         max_norm, clipper_state = clipper.threshold(state.clipper_state, norm.astype(dt))
-        scale = _clipping._scale(tree, norm, max_norm, eps, nonfinite)
-        clipped = tree.unflatten(_clipping._apply(tree, scale, norm, nonfinite, inplace=False))
+        leaves, scale = _clipping._clip(tree, norm, max_norm, eps, nonfinite, inplace=False)
+        clipped = tree.unflatten(leaves)
         new = ClipByGlobalNormState(
             clipper_state, norm.astype(dt), jnp.asarray(max_norm, dt), scale < 1
         )

@@ -298,8 +298,7 @@ class ClipHandle:
                 if self.state is None:
                     self.state = self.clipper.init(torch.zeros_like(norm))
                 limit, self.state = self.clipper.threshold(self.state, norm)
-            scale = _clipping._scale(tree, norm, limit, self.eps, self.nonfinite)
-            _clipping._apply(tree, scale, norm, self.nonfinite, inplace=True)
+            _, scale = _clipping._clip(tree, norm, limit, self.eps, self.nonfinite, inplace=True)
         self.last_norm, self.last_threshold = norm, limit
         self.last_clipped = scale != 1  # exactly 1 when kept; NaN and 0 when not finite
 
@@ -452,5 +451,4 @@ def _scale_tree(tree: _tree.Tree, max_norm: Any, norm: Any, foreach: bool | None
     else:
         norm = torch.tensor(norm, dtype=tree.acc_dtype, device=tree.device)
     with torch.no_grad(), _mode(tree.leaves, foreach):
-        scale = _clipping._scale(tree, norm, _on(max_norm, tree.device), EPS, "propagate")
-        _clipping._apply(tree, scale, norm, "propagate", inplace=True)
+        _clipping._clip(tree, norm, _on(max_norm, tree.device), EPS, "propagate", inplace=True)
