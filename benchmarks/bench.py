@@ -471,7 +471,11 @@ def run(
             nbytes = sum(x.nbytes for x in data)
             half = Halver(data, float(gradclip.global_norm(data)))
             runs = {}
-            for name, (library, call) in cases(data, dtype, half).items():
+            calls = cases(data, dtype, half)
+            for _, call in calls.values():  # one untimed round first: the one-time costs
+                _wait(call(0))  # of each library's runtime (compilation, thread and
+                half.restore()  # memory pools) fall on no case
+            for name, (library, call) in calls.items():
                 runs[name] = measure(call, library, warmup, repeats)
                 runs[name]["library"] = library
                 half.restore()
