@@ -382,6 +382,18 @@ def test_torch_traced_and_autograd_use_the_core():
     np.testing.assert_allclose(x.grad.numpy(), np.full(3, 2 / math.sqrt(3)), rtol=1e-6)
 
 
+def test_torch_func_transforms_use_the_core():
+    """Inside ``torch.func.vmap`` and ``grad`` the leaves are functorch wrappers:
+    the core runs (per example, differentiably), not the host path."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    norms = torch.func.vmap(lambda r: gc.global_norm([r, r[:2]]))(x)
+    want = torch.sqrt((x**2).sum(1) + (x[:, :2] ** 2).sum(1))
+    torch.testing.assert_close(norms, want)
+    g = torch.func.grad(lambda r: gc.global_norm([r]))(x[0])
+    torch.testing.assert_close(g, x[0] / torch.linalg.vector_norm(x[0]))
+
+
 # -- JAX: compiled eager calls ----------------------------------------------------------------
 
 

@@ -221,7 +221,7 @@ def _prepare(
     eps = _checks.check_nonneg(eps, "eps")
     nonfinite = _checks.check_nonfinite(nonfinite)
     tree = _tree.flatten(grads, promote_int=not inplace)
-    bad = _compat.first_unwritable(tree.leaves) if inplace else None
+    bad = _compat.first_unwritable(tree.leaves, lambda: tree.requires_grad) if inplace else None
     if bad is not None:
         raise TypeError(
             f"{tree.paths[bad[0]]} cannot be clipped in place: {bad[1]}; "

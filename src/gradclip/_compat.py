@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat as _aac
@@ -102,11 +103,14 @@ _WRITEABLE = operator.attrgetter("flags.writeable")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-def first_unwritable(leaves: Any) -> tuple[int, str] | None:
+def first_unwritable(
+    leaves: Any, requires_grad: Callable[[], bool] | None = None
+) -> tuple[int, str] | None:
     """``(index, why)`` of the first leaf that cannot be scaled in place, or ``None``.
 
     One pass at C speed for the common cases (all NumPy arrays, all plain torch
-    tensors); :func:`writable_problem` leaf by leaf otherwise.
+    tensors); :func:`writable_problem` leaf by leaf otherwise. ``requires_grad()``
+    tells whether any torch leaf requires grad, when the caller keeps that answer.
     """
     x = leaves[0]
     if is_numpy_array(x) and len(set(map(type, leaves))) == 1:
@@ -116,7 +120,7 @@ def first_unwritable(leaves: Any) -> tuple[int, str] | None:
         is_torch_array(x)
         and not _torch_compiling()
         and not _torch_inference_mode()
-        and not any(map(_REQUIRES_GRAD, leaves))
+        and not (any(map(_REQUIRES_GRAD, leaves)) if requires_grad is None else requires_grad())
         and not any(map(sys.modules["torch"].Tensor.is_inference, leaves))
     ):
         return None

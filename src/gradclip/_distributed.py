@@ -77,7 +77,9 @@ def _plan(tree: _tree.Tree, process_group: Any, axis_name: Any, replicated: Any)
     if axis_name is not None:
         return _jax_plan(tree, axis_name, _markers(tree, replicated))
     dtensor = _dtensor_type() if _compat.is_torch_namespace(tree.xp) else None
-    has_dtensor = dtensor is not None and any(isinstance(x, dtensor) for x in tree.leaves)
+    has_dtensor = dtensor is not None and any(
+        issubclass(t, dtensor) for t in set(map(type, tree.leaves))
+    )
     if process_group is None and not has_dtensor:
         if replicated is not None:
             _markers(tree, replicated)  # still checked: a bad tree of markers is an error

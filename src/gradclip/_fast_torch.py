@@ -79,8 +79,10 @@ BLOCK = 1 << 10  # elements per row of a large tensor's blocked norm (torch sums
 # a few float32 lanes: its error grows with the row, ~1.5e-7 at 1024)
 
 
-def _dtypes(tree: _tree.Tree) -> set[Any]:
-    return _cached(tree, "dtypes", lambda tree: {x.dtype for x in tree.leaves})
+def _dtypes(tree: _tree.Tree) -> frozenset[Any]:
+    if tree.dtypes is not None:
+        return tree.dtypes
+    return _cached(tree, "dtypes", lambda tree: frozenset(x.dtype for x in tree.leaves))
 
 
 def _find_kind(tree: _tree.Tree) -> str | None:
@@ -93,9 +95,11 @@ def _find_kind(tree: _tree.Tree) -> str | None:
     dtypes = _dtypes(tree)
     if not dtypes <= _FLOATS:
         return None
-    if any(map(_compat._REQUIRES_GRAD, leaves)):
+    if tree.requires_grad:
         return None  # autograd history: the core's ops are differentiable
-    if any(map(torch._C._functorch.is_functorch_wrapped_tensor, leaves)):
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+        map(torch._C._functorch.is_functorch_wrapped_tensor, leaves)
+    ):  # (wrapped tensors exist only inside a torch.func transform)
         return None
     host = types == {torch.Tensor} and all(map(_IS_CPU, leaves))
     if host and torch.bfloat16 in dtypes:

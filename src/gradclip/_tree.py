@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import sys
@@ -34,6 +35,7 @@ class Tree:
     acc_dtype: Any
     device: Any
     _rebuild: Rebuild
+    dtypes: frozenset[Any] | None = None  # the leaves' dtypes, where hashable
 
     def unflatten(self, leaves: Sequence[Any]) -> Any:
         """The tree with the same structure and ``leaves`` in place of the old ones."""
@@ -42,6 +44,13 @@ class Tree:
     @property
     def numel(self) -> int:
         return sum(_size(x) for x in self.leaves)
+
+    @functools.cached_property
+    def requires_grad(self) -> bool:
+        """True when a leaf is a torch tensor that requires grad (one C-level pass,
+        shared by the checks of one call)."""
+        torch = self.xp is not None and _compat.is_torch_namespace(self.xp)
+        return torch and any(map(_compat._REQUIRES_GRAD, self.leaves))
 
 
 def _size(x: Any) -> int:
@@ -207,7 +216,7 @@ def flatten(
         leaves = _promote_or_raise(xp, leaves, paths, promote_int)
         kinds = None
     acc = _compat.accumulation_dtype(xp, [x.dtype for x in leaves] if kinds is None else kinds)
-    return Tree(leaves, paths, xp, acc, dev, rebuild)
+    return Tree(leaves, paths, xp, acc, dev, rebuild, None if kinds is None else frozenset(kinds))
 
 
 def _promote_or_raise(
