@@ -80,9 +80,9 @@ def clip_impl(tree: Any, *, nonfinite: str) -> Any:
     return None if impl is None else impl(tree, nonfinite=nonfinite)
 
 
-def barrier(tree: Any, scale: Any) -> tuple[Any, Any]:
-    """``(tree, scale)`` as the multiply should read them: the same values, kept by
-    the library's compiler from being fused with the norm (JAX under a trace), or
-    unchanged."""
+def barrier(tree: Any) -> Any:
+    """The tree as the multiply should read it: the same values, kept by the
+    library's compiler from being fused with the norm (JAX under a trace), or the
+    tree itself."""
     impl = getattr(_module(tree), "barrier", None)
-    return (tree, scale) if impl is None else impl(tree, scale)
+    return tree if impl is None else impl(tree)

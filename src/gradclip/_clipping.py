@@ -267,7 +267,7 @@ def _apply(tree: _tree.Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: 
     fast = _backends.scale_impl(tree, inplace=inplace)
     if fast is not None and nonfinite != "zero":
         return fast(tree, scale)
-    tree, scale = _backends.barrier(tree, scale)
+    tree = _backends.barrier(tree)
     xp = tree.xp
     ok = xp.isfinite(norm) if nonfinite == "zero" else None
     if ok is not None:  # a NaN norm makes a NaN scale

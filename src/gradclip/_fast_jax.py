@@ -71,18 +71,18 @@ def traced_norm(tree: _tree.Tree, p: float) -> Any:
     return jax.lax.cond(ok, lambda parts: jnp.sqrt(fast), exact, parts)
 
 
-def barrier(tree: _tree.Tree, scale: Any) -> tuple[_tree.Tree, Any]:
-    """The leaves and the scale behind ``lax.optimization_barrier`` inside a trace.
+def barrier(tree: _tree.Tree) -> _tree.Tree:
+    """The leaves behind ``lax.optimization_barrier`` inside a trace.
 
     Without it XLA shares each 16-bit leaf's widening between the norm and the
     multiply: one float32 copy of every leaf, written and read again (optax's
     bfloat16 clip on GPT-2 takes 3x as long as its norm and multiply apart).
     """
     if not _traced(tree):
-        return tree, scale
+        return tree
     # one barrier per leaf: under shard_map a barrier's outputs vary over the union of
     # its inputs' mesh axes, and each leaf must keep its own
-    return _tree.flatten(list(map(jax.lax.optimization_barrier, tree.leaves))), scale
+    return _tree.flatten(list(map(jax.lax.optimization_barrier, tree.leaves)))
 
 
 @functools.cache

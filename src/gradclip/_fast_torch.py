@@ -225,9 +225,12 @@ def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int) -> None:
     multiply, round back once: what torch's own 16-bit ``mul_`` computes, at about
     twice its speed, since its 16-bit kernel converts element by element), the others
     with ``torch._foreach_mul_``."""
-    large = [x for x in xs if x.numel() >= nbuf // 4 and x.is_contiguous()]
-    if len(large) < len(xs):
-        torch._foreach_mul_([x for x in xs if x.numel() < nbuf // 4 or not x.is_contiguous()], s)
+    large: list[torch.Tensor] = []
+    small: list[torch.Tensor] = []
+    for x in xs:
+        (large if x.numel() >= nbuf // 4 and x.is_contiguous() else small).append(x)
+    if small:
+        torch._foreach_mul_(small, s)
     if not large:
         return
     buf = torch.empty(nbuf, dtype=torch.float32)
