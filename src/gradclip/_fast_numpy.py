@@ -175,20 +175,13 @@ def _direct(c: np.ndarray, acc: np.dtype) -> bool:
 # -- the norm -------------------------------------------------------------------------
 
 
-def _widened(pieces: Iterable[np.ndarray], buf: np.ndarray) -> Iterator[np.ndarray]:
-    """Each piece copied (converted) into the front of ``buf``, as a 1-D array."""
-    for piece in pieces:
-        b = buf[: piece.size]
-        np.copyto(b.reshape(piece.shape), piece, casting="unsafe")
-        yield b
-
-
-def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
-    """The sum of the chunks' dots, in float64 (one read of the memory). Chunks BLAS
-    cannot take as they are are widened into a buffer, packed (one concatenation per
-    run of 1-D pieces), and the buffer dotted when full."""
-    total = 0.0
-    dot = np.dot
+def _packed(
+    ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int, reduce: Callable[[np.ndarray], Any]
+) -> Iterator[Any]:
+    """``reduce`` of every chunk BLAS can take as it is (1-D, of dtype ``acc``), and of
+    the others widened into a buffer of ``nbuf`` elements: packed (one concatenation
+    per run of 1-D pieces), reduced when full. Nothing is lost: the buffer holds each
+    element once, converted exactly."""
     buf = np.empty(0, dtype=acc)
     batch: list[np.ndarray] = []  # 1-D pieces to be written at buf[fill:used]
     fill = used = 0
@@ -200,23 +193,23 @@ def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
             batch = []
         fill = used
 
-    def flush() -> float:
+    def flush() -> Any:
         nonlocal fill, used
         write_batch()
         b = buf[:used]
         fill = used = 0
-        return float(dot(b, b))
+        return reduce(b)
 
     for c in ts:
         if _direct(c, acc):
-            total += float(dot(c, c))
+            yield reduce(c)
             continue
         if not buf.size:
             buf = np.empty(nbuf, dtype=acc)
         for piece in _pieces(c, nbuf):
             n = piece.size
             if used + n > nbuf:
-                total += flush()
+                yield flush()
             if piece.ndim == 1:
                 batch.append(piece)
             else:
@@ -224,7 +217,14 @@ def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
                 np.copyto(buf[used : used + n].reshape(piece.shape), piece, casting="unsafe")
                 fill = used + n
             used += n
-    return total + flush() if used else total
+    if used:
+        yield flush()
+
+
+def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
+    """The sum of the chunks' dots, in float64 (one read of the memory)."""
+    dot = np.dot
+    return sum(_packed(ts, acc, nbuf, lambda b: float(dot(b, b))), 0.0)
 
 
 def _sumsq(c: np.ndarray) -> tuple[float, float]:
@@ -244,12 +244,8 @@ def _sumsq(c: np.ndarray) -> tuple[float, float]:
 
 
 def _exact_terms(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> list[tuple[float, float]]:
-    buf = np.empty(nbuf, dtype=acc)
-    out = []
-    for c in ts:
-        pieces = [c] if _direct(c, acc) else _widened(_pieces(c, nbuf), buf)
-        out.extend(_sumsq(piece) for piece in pieces)
-    return out
+    """``(d, s)`` per chunk or buffer, exact (:func:`_sumsq`)."""
+    return list(_packed(ts, acc, nbuf, _sumsq))
 
 
 def _combine2(pairs: list[tuple[float, float]]) -> float:
