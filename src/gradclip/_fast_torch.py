@@ -186,7 +186,7 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
     if math.isinf(p):
         value = _fast_numpy.norm_of_arrays([_numpy_view(x) for x in tree.leaves], p)
         return torch.tensor(value, dtype=acc)
-    sizes = list(map(torch.Tensor.numel, tree.leaves))
+    sizes = _sizes(tree)
     size = sum(sizes)
     nbuf = min(CAT_MAX, max(1024, int(size * CAT_SHARE)))
     big, rows, small, big_size = [], [], [], 0
@@ -203,7 +203,7 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
                 big.append(_numpy_view(x))
                 big_size += n
     total = _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
-    total += _blocked_sum(rows, acc, _wide_size(tree, size))
+    total += _blocked_sum(rows, acc, _wide_size(tree))
     total += _concatenated_sum(small, acc, nbuf, _one_cpu_dtype(tree))
     if not _fast_numpy.is_safe(total, np_acc):  # every tensor again, exactly
         views = [_numpy_view(x) for x in tree.leaves]
@@ -211,11 +211,15 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
     return torch.tensor(math.sqrt(total), dtype=acc)
 
 
-def _wide_size(tree: _tree.Tree, size: int | None = None) -> int:
+def _sizes(tree: _tree.Tree) -> list[int]:
+    """The leaves' numbers of elements (asked by the norm and again by the scaling)."""
+    return _cached(tree, "sizes", lambda tree: list(map(torch.Tensor.numel, tree.leaves)))
+
+
+def _wide_size(tree: _tree.Tree) -> int:
     """Elements of the float32 buffer 16-bit tensors are widened into: a multiple of
     ``BLOCK``, at most ``WIDE_MAX`` and half of ``CAT_SHARE`` of the gradients' bytes."""
-    if size is None:
-        size = sum(map(torch.Tensor.numel, tree.leaves))
+    size = sum(_sizes(tree))
     return min(WIDE_MAX, max(BLOCK << 4, int(size * CAT_SHARE) // 2 // BLOCK * BLOCK))
 
 
