@@ -94,6 +94,28 @@ def test_norm_matches_core(fast_backend, dtypes, p):
     assert f == pytest.approx(ref_norm(leaves, p), rel=1e-5 if p in (1, 3) else 2e-6)
 
 
+@pytest.mark.parametrize("dt", ["float32", "bfloat16", "float16"])
+def test_norm_of_values_with_few_significant_bits_is_accurate(fast_backend, dt):
+    """Squares of values with a short significand (bfloat16, widened or not) round
+    the same way time after time: one float32 dot over a long run of them drifts by
+    ~1e-5, so the fast paths add short runs. A leaf of 8 chunks and two
+    thousand small ones (concatenated by the torch path), all positive."""
+    if dt not in fast_backend.dtypes:
+        pytest.skip(f"{fast_backend.name} has no {dt}")
+    rng = np.random.default_rng(7)
+    big = rng.standard_normal(1 << 21, dtype=np.float32) + 3
+    small = rng.standard_normal((2000, 256), dtype=np.float32) + 3
+
+    def cast(a):  # to 8 significant bits (bfloat16's), then to the leaf's dtype
+        short = ((a.view(np.uint32) + 0x8000) & 0xFFFF0000).view(np.float32)
+        return fast_backend.asarray(short.astype(np.float64), dt)
+
+    for tree in ([cast(big)], [cast(row) for row in small]):
+        f = _check_norm(fast_backend, tree, 2)
+        exact = ref_norm([fast_backend.to_numpy(x) for x in tree], 2)
+        assert f == pytest.approx(exact, rel=ULPS * 2.0**-23, abs=0)
+
+
 EXTREMES = {
     "float32 1e30": ([3e30, 4e30], "float32"),
     "bfloat16 1e30": ([3e30, 4e30], "bfloat16"),

@@ -4,8 +4,9 @@ NumPy's ufuncs run on one thread but release the GIL, so large leaves are cut in
 chunks of ``CHUNK`` elements (views, never copies) that a few threads claim one by
 one.
 
-The 2-norm is a blocked sum: one BLAS dot (``sdot``/``ddot``, one read of the
-memory) per chunk, the chunks' results added in float64. When that total lies well
+The 2-norm is a blocked sum: a dot product per row of ``ROW`` elements of each chunk
+(``np.vecdot``, one read of the memory at BLAS speed), the rows' results added in
+float64. When that total lies well
 inside the accumulation dtype's range, no square overflowed and what underflowed is
 negligible, so its square root is the norm to a few ulps (the chunks are short and
 summed in double precision: far more accurate than one dot over a large leaf). Only
@@ -221,26 +222,42 @@ def _packed(
         yield flush()
 
 
+ROW = 1 << 10  # elements per dot product of a chunk's rows
+# the dot product of each row of two 2-D arrays (``np.vecdot``: NumPy 2)
+_rowdots = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("ij,ij->i", a, b))
+
+
+def _dot_self(c: np.ndarray) -> float:
+    """The sum of squares of ``c`` (1-D, float32 or float64): a dot per row of
+    ``ROW`` elements at BLAS speed, the rows added in float64. One dot over a whole
+    chunk of 2^18 elements adds in a few float32 lanes, and is off by ~1e-5 when the
+    values have few significant bits (widened bfloat16: their squares' rounding
+    errors do not cancel); rows of 2^10 keep it to an ulp or two."""
+    r = c.shape[0] // ROW * ROW
+    total = float(_rowdots(*(c[:r].reshape(-1, ROW),) * 2).sum(dtype=np.float64)) if r else 0.0
+    if r < c.shape[0]:
+        tail = c[r:]
+        total += float(np.dot(tail, tail))
+    return total
+
+
 def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
-    """The sum of the chunks' dots, in float64 (one read of the memory)."""
-    dot = np.dot
-    return sum(_packed(ts, acc, nbuf, lambda b: float(dot(b, b))), 0.0)
+    """The sum of the chunks' sums of squares, in float64 (one read of the memory)."""
+    return sum(_packed(ts, acc, nbuf, _dot_self), 0.0)
 
 
 def _sumsq(c: np.ndarray) -> tuple[float, float]:
     """``(d, s)`` with ``d**2 * s`` the sum of squares of ``c`` (1-D, float32 or
     float64), computed without overflow or underflow."""
-    s = float(np.dot(c, c))
+    s = _dot_self(c)
     lo, hi = _SAFE[c.dtype]
     if lo <= s <= hi or (s == 0 and not c.any()):
         return 1.0, s
     if c.dtype == np.float32:  # squares of float32 values are exact-range in float64
-        w = c.astype(np.float64)
-        return 1.0, float(np.dot(w, w))
+        return 1.0, _dot_self(c.astype(np.float64))
     m = float(np.max(np.abs(c)))
     d = m if math.isfinite(m) and m > 0 else 1.0
-    w = c / d
-    return d, float(np.dot(w, w))
+    return d, _dot_self(c / d)
 
 
 def _exact_terms(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> list[tuple[float, float]]:

@@ -75,6 +75,8 @@ _IS_CPU = operator.attrgetter("is_cpu")
 # gradients' bytes, and this many elements
 CAT_SHARE, CAT_MAX = 0.008, 1 << 16
 WIDE_MAX = 1 << 18  # elements of the float32 buffer 16-bit tensors are widened into
+DOT_MAX = 1 << 12  # one float32 BLAS dot is accurate to an ulp or two up to this length
+# (over 2^16 elements of widened bfloat16 values it is off by ~2e-6)
 BLOCK = 1 << 10  # elements per row of a large tensor's blocked norm (torch sums a row in
 # a few float32 lanes: its error grows with the row, ~1.5e-7 at 1024)
 
@@ -266,6 +268,10 @@ def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
             b = buf[: piece.numel()]
             b.copy_(piece)
             _row_norms(b, acc, norms)
+    return _sum_of_squares(norms)
+
+
+def _sum_of_squares(norms: list[torch.Tensor]) -> float:
     return float(torch.cat(norms).to(torch.float64).square().sum()) if norms else 0.0
 
 
@@ -282,6 +288,7 @@ def _concatenated_sum(xs: Sequence[torch.Tensor], acc: Any, nbuf: int, one_dtype
     of their dtype (``torch.cat``: one copy per tensor, in C++), each batch's norm
     accumulated in ``acc``: one call per batch instead of one per tensor."""
     total = 0.0
+    norms: list[torch.Tensor] = []
     for idx in _groups(xs, one_dtype).values() if xs else ():
         group = [xs[i] for i in idx] if len(idx) < len(xs) else xs
         if set(map(torch.Tensor.dim, group)) != {1}:
@@ -298,12 +305,12 @@ def _concatenated_sum(xs: Sequence[torch.Tensor], acc: Any, nbuf: int, one_dtype
             if v is None:
                 v = views[n] = buf[:n]
             torch.cat(group[start:stop], out=v)
-            if dtype == acc:  # one BLAS dot
+            if dtype == acc and n <= DOT_MAX:  # one BLAS dot
                 total += float(torch.dot(v, v))
-            else:
-                total += float(torch.linalg.vector_norm(v, dtype=acc)) ** 2
+            else:  # rows of BLOCK (16-bit ones widened inside the norm: no buffer)
+                _row_norms(v, acc, norms)
             start, base = stop, ends[stop - 1]
-    return total
+    return total + _sum_of_squares(norms)
 
 
 def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
