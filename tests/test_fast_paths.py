@@ -338,14 +338,18 @@ def test_torch_cpu_many_small_and_large_tensors_match_core(inplace):
         np.testing.assert_allclose(x.double().numpy(), y.double().numpy(), rtol=2 * eps)
 
 
+@pytest.mark.parametrize("widen", [True, False])
 @pytest.mark.parametrize("dt", ["bfloat16", "float16"])
-def test_torch_cpu_widened_multiply_is_torchs_own_bit_for_bit(dt):
+def test_torch_cpu_widened_multiply_is_torchs_own_bit_for_bit(dt, widen, monkeypatch):
     """16-bit tensors scaled through the float32 buffer (large contiguous ones, in
-    pieces) or by ``_foreach_mul_`` (small or strided ones) round exactly as torch's
-    own ``mul_`` by a float32 scale: once, from the float32 product."""
+    pieces, when there are enough of them) or by ``_foreach_mul_`` (the others) round
+    exactly as torch's own ``mul_`` by a float32 scale: once, from the float32
+    product."""
     torch = pytest.importorskip("torch")
     from gradclip import _fast_torch
 
+    if widen:
+        monkeypatch.setattr(_fast_torch, "WIDE_MIN_BYTES", 0)
     g = torch.Generator().manual_seed(3)
     dtype = getattr(torch, dt)
     xs = [torch.randn(n, generator=g).to(dtype) for n in (100_003, 4096, 17, 1)]
