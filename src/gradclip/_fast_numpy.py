@@ -4,13 +4,14 @@ NumPy's ufuncs run on one thread but release the GIL, so large leaves are cut in
 chunks of ``CHUNK`` elements (views, never copies) that a few threads claim one by
 one.
 
-The 2-norm is a blocked sum: a dot product per row of ``ROW`` elements of each chunk
-(``np.vecdot``, one read of the memory at BLAS speed), the rows' results added in
-float64. When that total lies well
-inside the accumulation dtype's range, no square overflowed and what underflowed is
-negligible, so its square root is the norm to a few ulps (the chunks are short and
-summed in double precision: far more accurate than one dot over a large leaf). Only
-when it does not (an inf or NaN element, values near 1e19 in float32, tiny or zero
+The 2-norm is a blocked sum: one BLAS dot (``sdot``/``ddot``, one read of the
+memory) per chunk, the chunks' results added in float64; chunks of values with few
+significant bits (bfloat16 or float16 values, widened or stored as float32) by rows
+of ``ROW`` elements instead (see :func:`_dot`). When that total lies well inside the
+accumulation dtype's range, no square overflowed and what underflowed is negligible,
+so its square root is the norm to a few ulps (the chunks are short and summed in
+double precision: far more accurate than one dot over a large leaf). Only when it
+does not (an inf or NaN element, values near 1e19 in float32, tiny or zero
 gradients) is every chunk recomputed exactly: float32 and 16-bit chunks as float64,
 whose squares can neither overflow nor underflow, float64 chunks scaled by their
 largest magnitude as in the core. So every finite input gives a finite, accurate
@@ -18,8 +19,8 @@ norm, inf and NaN propagate (NaN first), and the result is the core's to a few u
 
 16-bit leaves (float16, ml_dtypes' bfloat16) and chunks of another dtype than the
 accumulator go through a small float32 buffer per thread, a piece at a time: the norm
-widens each piece and dots it; the scaling widens, multiplies in float32 and rounds
-back once (as the core). The buffers are the only arrays allocated: together at most
+widens each piece and dots it (by rows); the scaling widens, multiplies in float32
+and rounds back once (as the core). The buffers are the only arrays allocated: together at most
 ``BUFFER_SHARE`` of the gradients' bytes (half that for small inputs), and at most
 ``BUFFER_MAX`` elements each, so a piece stays in the L2 cache between its widening
 and its dot.
@@ -222,19 +223,35 @@ def _packed(
         yield flush()
 
 
-ROW = 1 << 10  # elements per dot product of a chunk's rows
-# the dot product of each row of two 2-D arrays (``np.vecdot``: NumPy 2)
-_rowdots = getattr(np, "vecdot", None) or (lambda a, b: np.einsum("ij,ij->i", a, b))
+ROW = 1 << 9  # elements per row of a chunk whose values have few significant bits
+SHORT_BITS = 0x3FF  # float32 values with these low bits clear have 14 significant bits
+# or fewer (bfloat16 and float16 values, widened or stored as float32)
+SAMPLE = 32  # the first elements of a chunk, looked at for those bits
+# SHORT_BITS in each of SAMPLE float32 elements (a Python int: one `&` looks at them all)
+_SHORT_MASK = int.from_bytes(SHORT_BITS.to_bytes(4, "little") * SAMPLE, "little")
 
 
-def _dot_self(c: np.ndarray) -> float:
-    """The sum of squares of ``c`` (1-D, float32 or float64): a dot per row of
-    ``ROW`` elements at BLAS speed, the rows added in float64. One dot over a whole
-    chunk of 2^18 elements adds in a few float32 lanes, and is off by ~1e-5 when the
-    values have few significant bits (widened bfloat16: their squares' rounding
-    errors do not cancel); rows of 2^10 keep it to an ulp or two."""
+def _dot(c: np.ndarray) -> float:
+    """The sum of squares of ``c`` (1-D, float32 or float64): one BLAS dot (the
+    fastest read: OpenBLAS adds its own threads), or :func:`_dot_rows` when the
+    first ``SAMPLE`` float32 elements have no bit of ``SHORT_BITS`` set. A dot adds a
+    whole chunk in a few float32 lanes; the rounding errors of full float32 squares
+    cancel there, but those of values with few significant bits do not: over 2^18
+    of them it is off by up to ~1e-5, by rows of ``ROW`` an ulp or two."""
+    sampled = c.dtype == np.float32 and c.shape[0] > ROW
+    if sampled and not int.from_bytes(c[:SAMPLE].tobytes(), "little") & _SHORT_MASK:
+        return _dot_rows(c)
+    return float(np.dot(c, c))
+
+
+def _dot_rows(c: np.ndarray) -> float:
+    """The sum of squares of ``c`` (1-D, float32 or float64): one ``einsum`` over rows
+    of ``ROW`` elements (without the GIL), the rows added in float64."""
     r = c.shape[0] // ROW * ROW
-    total = float(_rowdots(*(c[:r].reshape(-1, ROW),) * 2).sum(dtype=np.float64)) if r else 0.0
+    total = 0.0
+    if r:
+        rows = c[:r].reshape(-1, ROW)
+        total = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64))
     if r < c.shape[0]:
         tail = c[r:]
         total += float(np.dot(tail, tail))
@@ -243,21 +260,21 @@ def _dot_self(c: np.ndarray) -> float:
 
 def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
     """The sum of the chunks' sums of squares, in float64 (one read of the memory)."""
-    return sum(_packed(ts, acc, nbuf, _dot_self), 0.0)
+    return sum(_packed(ts, acc, nbuf, _dot), 0.0)
 
 
 def _sumsq(c: np.ndarray) -> tuple[float, float]:
     """``(d, s)`` with ``d**2 * s`` the sum of squares of ``c`` (1-D, float32 or
     float64), computed without overflow or underflow."""
-    s = _dot_self(c)
+    s = _dot_rows(c)
     lo, hi = _SAFE[c.dtype]
     if lo <= s <= hi or (s == 0 and not c.any()):
         return 1.0, s
     if c.dtype == np.float32:  # squares of float32 values are exact-range in float64
-        return 1.0, _dot_self(c.astype(np.float64))
+        return 1.0, _dot_rows(c.astype(np.float64))
     m = float(np.max(np.abs(c)))
     d = m if math.isfinite(m) and m > 0 else 1.0
-    return d, _dot_self(c / d)
+    return d, _dot_rows(c / d)
 
 
 def _exact_terms(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> list[tuple[float, float]]:
