@@ -235,6 +235,21 @@ def test_float32_leaves_beside_float64_accumulate_in_float64(lib):
     assert norm == pytest.approx(core, rel=1e-14)
 
 
+def test_numpy_row_dots_without_vecdot_agree(monkeypatch):
+    """Before NumPy 2 (no ``np.vecdot``) the rows of a chunk are dotted by ``einsum``:
+    the same sum of squares, to an ulp or two, for full and for short values."""
+    from gradclip import _fast_numpy
+
+    rng = np.random.default_rng(5)
+    full = rng.standard_normal(70_001, dtype=np.float32) + 3
+    short = ((full.view(np.uint32) + 0x8000) & 0xFFFF0000).view(np.float32)
+    monkeypatch.setattr(_fast_numpy, "_rowdots", _fast_numpy._einsum_rowdots)
+    for c in (full, short):
+        want = float(np.sum(c.astype(np.float64) ** 2))
+        assert _fast_numpy._dot_rows(c) == pytest.approx(want, rel=ULPS * 2.0**-23)
+        assert _fast_numpy._dot(c) == pytest.approx(want, rel=ULPS * 2.0**-23)
+
+
 def test_numpy_chunks_cover_every_element_once():
     from gradclip import _fast_numpy
 
@@ -356,7 +371,7 @@ def test_torch_cpu_widened_multiply_is_torchs_own_bit_for_bit(dt, widen, monkeyp
     xs.append(torch.randn(300, 200, generator=g).to(dtype).t())  # strided
     s = torch.tensor(0.7071067, dtype=torch.float32)
     want = [x.clone().mul_(s) for x in xs]
-    _fast_torch._widened_mul_(xs, s, 4096)
+    _fast_torch._widened_mul_(xs, s, 4096, sum(x.numel() for x in xs))
     for x, w in zip(xs, want):
         assert torch.equal(x, w)
 

@@ -197,8 +197,9 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
     size = sum(sizes)
     nbuf = min(CAT_MAX, max(1024, int(size * CAT_SHARE)))
     big, rows, small, big_size = [], [], [], 0
+    small_sizes = None
     if min(sizes) > 0 and max(sizes) * 4 <= nbuf:  # all small (many small tensors)
-        small = tree.leaves
+        small, small_sizes = tree.leaves, sizes
     else:
         for x, n in zip(tree.leaves, sizes):
             if n * 4 <= nbuf:
@@ -211,7 +212,7 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
                 big_size += n
     total = _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
     total += _blocked_sum(rows, acc, _wide_size(tree))
-    total += _concatenated_sum(small, acc, nbuf, _one_cpu_dtype(tree))
+    total += _concatenated_sum(small, acc, nbuf, _one_cpu_dtype(tree), small_sizes)
     if not _fast_numpy.is_safe(total, np_acc):  # every tensor again, exactly
         views = [_numpy_view(x) for x in tree.leaves]
         return torch.tensor(_fast_numpy.norm_of_arrays(views, p, np_acc), dtype=acc)
@@ -230,19 +231,22 @@ def _wide_size(tree: _tree.Tree) -> int:
     return min(WIDE_MAX, max(BLOCK << 4, int(size * CAT_SHARE) // 2 // BLOCK * BLOCK))
 
 
-def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int) -> None:
+def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, size: int) -> None:
     """``x *= s`` for 16-bit CPU tensors, ``s`` a float32 0-d tensor (torch's 16-bit
     kernel widens each element, multiplies by ``s`` in float32 and rounds once).
     With ``WIDE_MIN_BYTES`` or more of large contiguous tensors, those go piece by
     piece through a float32 buffer of ``nbuf`` elements instead (widen, multiply,
     round back: the same result, bit for bit, at 0.29 ns an element where torch's
     kernel takes 0.45 on memory out of the cache); the others, and all of them below
-    that size, with ``torch._foreach_mul_``."""
+    that size, with ``torch._foreach_mul_``. ``size``: the elements of ``xs``."""
+    if size * 2 < WIDE_MIN_BYTES:  # likely in the cache (and no walk over the tensors)
+        torch._foreach_mul_(xs, s)
+        return
     large: list[torch.Tensor] = []
     small: list[torch.Tensor] = []
     for x in xs:
         (large if x.numel() >= nbuf // 4 and x.is_contiguous() else small).append(x)
-    if sum(map(torch.Tensor.numel, large)) * 2 < WIDE_MIN_BYTES:  # likely in the cache
+    if sum(map(torch.Tensor.numel, large)) * 2 < WIDE_MIN_BYTES:
         small, large = xs, []
     if small:
         torch._foreach_mul_(small, s)
@@ -297,31 +301,43 @@ def _row_norms(v: torch.Tensor, acc: Any, out: list[torch.Tensor]) -> None:
         out.append(torch.linalg.vector_norm(v[r * BLOCK :], dtype=acc).view(1))
 
 
-def _concatenated_sum(xs: Sequence[torch.Tensor], acc: Any, nbuf: int, one_dtype: bool) -> float:
+def _concatenated_sum(
+    xs: Sequence[torch.Tensor],
+    acc: Any,
+    nbuf: int,
+    one_dtype: bool,
+    sizes: Sequence[int] | None = None,
+) -> float:
     """The sum of squares of small CPU tensors, in batches concatenated into a buffer
     of their dtype (``torch.cat``: one copy per tensor, in C++), each batch's norm
-    accumulated in ``acc``: one call per batch instead of one per tensor."""
+    accumulated in ``acc``: one call per batch instead of one per tensor.
+    ``sizes``: the tensors' numbers of elements, when known."""
     total = 0.0
     norms: list[torch.Tensor] = []
     for idx in _groups(xs, one_dtype).values() if xs else ():
-        group = [xs[i] for i in idx] if len(idx) < len(xs) else xs
+        whole = len(idx) == len(xs)
+        group = xs if whole else [xs[i] for i in idx]
         if set(map(torch.Tensor.dim, group)) != {1}:
             group = [x.reshape(-1) for x in group]
-        ends = list(itertools.accumulate(map(torch.Tensor.numel, group)))
+        counts = sizes if whole and sizes is not None else map(torch.Tensor.numel, group)
+        ends = list(itertools.accumulate(counts))
         dtype = group[0].dtype
         buf = torch.empty(min(nbuf, ends[-1]), dtype=dtype)
-        views: dict[int, torch.Tensor] = {}  # buf[:n] by n (slicing costs ~1 us)
+        # buf[:n] by n, and its rows when n is a multiple of BLOCK (views cost ~1 us)
+        views: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         start = base = 0
         while start < len(group):
             stop = max(start + 1, bisect.bisect_right(ends, base + nbuf, lo=start))
             n = ends[stop - 1] - base
-            v = views.get(n)
-            if v is None:
-                v = views[n] = buf[:n]
+            if n not in views:
+                views[n] = (buf[:n], buf[:n].view(-1, BLOCK) if n % BLOCK == 0 else None)
+            v, rows = views[n]
             torch.cat(group[start:stop], out=v)
             if dtype == acc and n <= DOT_MAX:  # one BLAS dot
                 total += float(torch.dot(v, v))
-            else:  # rows of BLOCK (16-bit ones widened inside the norm: no buffer)
+            elif rows is not None:  # rows of BLOCK (16-bit ones widened inside the norm)
+                norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
+            else:
                 _row_norms(v, acc, norms)
             start, base = stop, ends[stop - 1]
     return total + _sum_of_squares(norms)
@@ -364,11 +380,14 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
             return tree.leaves
         casts: dict[Any, Any] = {}
         out: list[Any] = list(tree.leaves)
-        for (_, dtype), idx in _tree_groups(tree).items():
-            xs = [tree.leaves[i] for i in idx]
+        groups = _tree_groups(tree)
+        for (_, dtype), idx in groups.items():
+            xs = tree.leaves if len(groups) == 1 else [tree.leaves[i] for i in idx]
             s = _clipping._cast(tree, casts, scale, xs[0])
             if inplace and host and s.dtype != dtype:
-                _widened_mul_(xs, s, _wide_size(tree))
+                sizes = _sizes(tree)
+                size = sum(sizes) if len(groups) == 1 else sum(sizes[i] for i in idx)
+                _widened_mul_(xs, s, _wide_size(tree), size)
             elif inplace:
                 torch._foreach_mul_(xs, s)
             else:
