@@ -514,6 +514,37 @@ def table(entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The medians and the goals of a run as two Markdown tables (as in the docs)."""
+    entries = result["results"]
+    heads = [f"{e['set']} {e['dtype']}" for e in entries]
+    names = list(dict.fromkeys(name for e in entries for name in e["runs"]))
+    lines = [
+        "| call (median ms) | " + " | ".join(heads) + " |",
+        "| --- |" + " ---: |" * len(heads),
+    ]
+    for name in names:
+        cells = [
+            f"{e['runs'][name]['median_ms']:.2f}" if name in e["runs"] else "-" for e in entries
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| goal: ratio (bound) | " + " | ".join(heads) + " |"]
+    lines.append("| --- |" + " :---: |" * len(heads))
+    goals = list(dict.fromkeys(g["goal"] for e in entries for g in e["ratios"]))
+    for goal in goals:
+        cells = []
+        for e in entries:
+            g = next((g for g in e["ratios"] if g["goal"] == goal), None)
+            if g is None:
+                cells.append("-")
+            elif g["bound"] is None:
+                cells.append(f"{g['ratio']:.3f}")
+            else:
+                cells.append(f"{g['ratio']:.3f} (≤ {g['bound']:g}) {'✓' if g['met'] else '✗'}")
+        lines.append(f"| {goal} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -570,7 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--docs", action="store_true", help="also write docs/bench.json and the plot")
+    ap.add_argument(
+        "--markdown", metavar="JSON", help="print the tables of a finished run (no timing)"
+    )
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     result = run(
         args.sets.split(","), args.dtypes.split(","), args.warmup, args.repeats, smoke=args.smoke
     )

@@ -85,3 +85,13 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
         num, den = next((n, d) for label, n, d, _ in bench.GOALS if label == g["goal"])
         if den != "bytes":
             assert g["ratio"] == pytest.approx(runs[num]["median_ms"] / runs[den]["median_ms"])
+    # the docs' tables, from the JSON just written: a row per call and per goal
+    assert bench.main(["--markdown", str(tmp_path / "latest.json")]) == 0
+    md = capsys.readouterr().out.splitlines()
+    assert md[0] == "| call (median ms) | resnet-50 float32 | resnet-50 bfloat16 |"
+    assert (
+        f"| gradclip numpy (in place) | {runs['gradclip numpy (in place)']['median_ms']:.2f} |"
+        in (md[2])
+    )
+    goal = entry["ratios"][0]
+    assert any(line.startswith(f"| {goal['goal']} | {goal['ratio']:.3f}") for line in md)
