@@ -34,12 +34,13 @@ _REAL = {jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.floa
 
 
 def _real(tree: _tree.Tree) -> bool:
-    return all(jnp.dtype(dt) in _REAL for dt in {x.dtype: None for x in tree.leaves})
+    dtypes = tree.dtypes if tree.dtypes is not None else {x.dtype for x in tree.leaves}
+    return all(jnp.dtype(dt) in _REAL for dt in dtypes)
 
 
 def _traced(tree: _tree.Tree) -> bool:
-    tracer = jax.core.Tracer
-    return any(isinstance(x, tracer) for x in tree.leaves)
+    tracer = jax.core.Tracer  # (one pass over the leaves' types, in C)
+    return any(issubclass(t, tracer) for t in set(map(type, tree.leaves)))
 
 
 def _core_norm(tree: _tree.Tree, p: float) -> Any:
