@@ -169,11 +169,6 @@ def _buffer_size(size: int, itemsize: int, n_threads: int | None = None) -> int:
 BUFFERED_PARALLEL_MIN = 1 << 17
 
 
-def _direct(c: np.ndarray, acc: np.dtype) -> bool:
-    """True when BLAS can dot ``c`` with itself as it is (1-D, of the dtype ``acc``)."""
-    return c.dtype == acc and c.ndim == 1
-
-
 # -- the norm -------------------------------------------------------------------------
 
 
@@ -203,11 +198,19 @@ def _packed(
         return reduce(b)
 
     for c in ts:
-        if _direct(c, acc):
+        one_d = c.ndim == 1
+        if one_d and c.dtype == acc:  # BLAS takes it as it is
             yield reduce(c)
             continue
         if not buf.size:
             buf = np.empty(nbuf, dtype=acc)
+        n = c.size
+        if one_d and n <= nbuf:  # a small leaf (thousands of them): no generator
+            if used + n > nbuf:
+                yield flush()
+            batch.append(c)
+            used += n
+            continue
         for piece in _pieces(c, nbuf):
             n = piece.size
             if used + n > nbuf:
