@@ -89,9 +89,7 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
     assert bench.main(["--markdown", str(tmp_path / "latest.json")]) == 0
     md = capsys.readouterr().out.splitlines()
     assert md[0] == "| call (median ms) | resnet-50 float32 | resnet-50 bfloat16 |"
-    assert (
-        f"| gradclip numpy (in place) | {runs['gradclip numpy (in place)']['median_ms']:.2f} |"
-        in (md[2])
-    )
+    numpy_ms = runs["gradclip numpy (in place)"]["median_ms"]
+    assert md[2].startswith(f"| gradclip numpy (in place) | {numpy_ms:.2f} |")
     goal = entry["ratios"][0]
     assert any(line.startswith(f"| {goal['goal']} | {goal['ratio']:.3f}") for line in md)

@@ -20,10 +20,10 @@ norm, inf and NaN propagate (NaN first), and the result is the core's to a few u
 16-bit leaves (float16, ml_dtypes' bfloat16) and chunks of another dtype than the
 accumulator go through a small float32 buffer per thread, a piece at a time: the norm
 widens each piece and dots it (by rows); the scaling widens, multiplies in float32
-and rounds back once (as the core). The buffers are the only arrays allocated: together at most
-``BUFFER_SHARE`` of the gradients' bytes (half that for small inputs), and at most
-``BUFFER_MAX`` elements each, so a piece stays in the L2 cache between its widening
-and its dot.
+and rounds back once (as the core). The buffers are the only arrays allocated:
+together at most ``BUFFER_SHARE`` of the gradients' bytes (half that for small
+inputs), and at most ``BUFFER_MAX`` elements each, so a piece stays in the L2 cache
+between its widening and its dot.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@
   maxima first and then the norms of the leaves divided by them.
 * Scaling: ``torch._foreach_mul_`` per (device, dtype) group with the scale as a 0-d
   tensor, so there is no host synchronisation (on the CPU a scale of exactly 1 writes
-  nothing). Large contiguous 16-bit CPU tensors, past ``WIDE_MIN_BYTES`` together, go
-  piece by piece through a float32 buffer instead (widen, multiply, round back:
+  nothing). Large contiguous 16-bit CPU tensors, in groups of ``WIDE_MIN_BYTES`` or
+  more, go piece by piece through a float32 buffer instead (widen, multiply, round back:
   torch's own result, bit for bit, faster than its 16-bit kernel on memory that is
   not in the cache).
 """
@@ -234,11 +234,11 @@ def _wide_size(tree: _tree.Tree) -> int:
 def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, size: int) -> None:
     """``x *= s`` for 16-bit CPU tensors, ``s`` a float32 0-d tensor (torch's 16-bit
     kernel widens each element, multiplies by ``s`` in float32 and rounds once).
-    With ``WIDE_MIN_BYTES`` or more of large contiguous tensors, those go piece by
-    piece through a float32 buffer of ``nbuf`` elements instead (widen, multiply,
-    round back: the same result, bit for bit, at 0.29 ns an element where torch's
-    kernel takes 0.45 on memory out of the cache); the others, and all of them below
-    that size, with ``torch._foreach_mul_``. ``size``: the elements of ``xs``."""
+    When ``xs`` (``size`` elements) hold ``WIDE_MIN_BYTES`` or more, the large
+    contiguous ones go piece by piece through a float32 buffer of ``nbuf`` elements
+    instead (widen, multiply, round back: the same result, bit for bit, at 0.29 ns an
+    element where torch's kernel takes 0.45 on memory out of the cache); the others,
+    and all of them below that size, with ``torch._foreach_mul_``."""
     if size * 2 < WIDE_MIN_BYTES:  # likely in the cache (and no walk over the tensors)
         torch._foreach_mul_(xs, s)
         return
@@ -246,8 +246,6 @@ def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, size: int)
     small: list[torch.Tensor] = []
     for x in xs:
         (large if x.numel() >= nbuf // 4 and x.is_contiguous() else small).append(x)
-    if sum(map(torch.Tensor.numel, large)) * 2 < WIDE_MIN_BYTES:
-        small, large = xs, []
     if small:
         torch._foreach_mul_(small, s)
     if not large:
