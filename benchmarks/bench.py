@@ -285,12 +285,29 @@ SETTLE = 0.5  # seconds of quiet before each case: the previous case's worker th
 # (torch's OpenMP, XLA's, NumPy's pool) stop spinning and leave the cores to it
 
 
-def measure(call: Call, library: str, warmup: int, repeats: int) -> dict[str, Any]:
+WARM_S = 0.25  # seconds of warm-up calls at least (a few milliseconds' call needs more
+# than 5 calls to reach its steady speed after the quiet)
+
+
+def measure(
+    call: Call,
+    library: str,
+    warmup: int,
+    repeats: int,
+    reset: Callable[[], None] | None = None,
+    warm_s: float = WARM_S,
+) -> dict[str, Any]:
+    """Median time of ``repeats`` calls after ``warmup`` calls and ``warm_s`` seconds of
+    them (``reset`` after each warm-up call: the in-place cases' gradients scaled back,
+    untimed, so that they are never halved more than ``repeats`` times in a row)."""
     time.sleep(SETTLE)
     k = 0
-    for _ in range(warmup):
+    start = time.perf_counter()
+    while k < warmup or time.perf_counter() - start < warm_s:
         _wait(call(k))
         k += 1
+        if reset is not None:
+            reset()
     times = []
     _gc.collect()
     _gc.disable()  # as timeit does: no collection inside a timed call
@@ -476,7 +493,8 @@ def run(
                 _wait(call(0))  # of each library's runtime (compilation, thread and
                 half.restore()  # memory pools) fall on no case
             for name, (library, call) in calls.items():
-                runs[name] = measure(call, library, warmup, repeats)
+                warm_s = 0.0 if smoke else WARM_S
+                runs[name] = measure(call, library, warmup, repeats, half.restore, warm_s)
                 runs[name]["library"] = library
                 half.restore()
             entry = {
