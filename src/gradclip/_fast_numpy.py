@@ -236,11 +236,11 @@ _SHORT_MASK = int.from_bytes(SHORT_BITS.to_bytes(4, "little") * SAMPLE, "little"
 
 def _dot(c: np.ndarray) -> float:
     """The sum of squares of ``c`` (1-D, float32 or float64): one BLAS dot (the
-    fastest read: OpenBLAS adds its own threads), or :func:`_dot_rows` when the
-    first ``SAMPLE`` float32 elements have no bit of ``SHORT_BITS`` set. A dot adds a
-    whole chunk in a few float32 lanes; the rounding errors of full float32 squares
-    cancel there, but those of values with few significant bits do not: over 2^18
-    of them it is off by up to ~1e-5, by rows of ``ROW`` an ulp or two."""
+    fastest read), or :func:`_dot_rows` when the first ``SAMPLE`` float32 elements
+    have no bit of ``SHORT_BITS`` set. A dot adds a whole chunk in a few float32
+    lanes; the rounding errors of full float32 squares cancel there, but those of
+    values with few significant bits do not: over 2^18 of them it is off by up to
+    ~1e-5, by rows of ``ROW`` an ulp or two."""
     sampled = c.dtype == np.float32 and c.shape[0] > ROW
     if sampled and not int.from_bytes(c[:SAMPLE].tobytes(), "little") & _SHORT_MASK:
         return _dot_rows(c)

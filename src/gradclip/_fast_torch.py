@@ -277,13 +277,10 @@ def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
             buf = torch.empty(nbuf, dtype=torch.float32)
             rows = buf.view(-1, BLOCK)  # (nbuf is a multiple of BLOCK)
         for piece in torch.split(v, nbuf):
-            if piece.numel() == nbuf:  # the whole buffer: no views to make
-                buf.copy_(piece)
-                norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
-            else:
-                b = buf[: piece.numel()]
-                b.copy_(piece)
-                _row_norms(b, acc, norms)
+            whole = piece.numel() == nbuf  # the whole buffer: no views to make
+            b = buf if whole else buf[: piece.numel()]
+            b.copy_(piece)
+            _row_norms(b, acc, norms, rows if whole else None)
     return _sum_of_squares(norms)
 
 
@@ -291,7 +288,14 @@ def _sum_of_squares(norms: list[torch.Tensor]) -> float:
     return float(torch.cat(norms).to(torch.float64).square().sum()) if norms else 0.0
 
 
-def _row_norms(v: torch.Tensor, acc: Any, out: list[torch.Tensor]) -> None:
+def _row_norms(
+    v: torch.Tensor, acc: Any, out: list[torch.Tensor], rows: torch.Tensor | None = None
+) -> None:
+    """The norms of ``v``'s rows of ``BLOCK`` elements (and of its shorter tail), in
+    ``acc``, onto ``out``; ``rows``: ``v`` already viewed as rows, when it has no tail."""
+    if rows is not None:
+        out.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
+        return
     r = v.numel() // BLOCK
     if r:
         out.append(torch.linalg.vector_norm(v[: r * BLOCK].view(r, BLOCK), dim=1, dtype=acc))
@@ -333,10 +337,8 @@ def _concatenated_sum(
             torch.cat(group[start:stop], out=v)
             if dtype == acc and n <= DOT_MAX:  # one BLAS dot
                 total += float(torch.dot(v, v))
-            elif rows is not None:  # rows of BLOCK (16-bit ones widened inside the norm)
-                norms.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
-            else:
-                _row_norms(v, acc, norms)
+            else:  # rows of BLOCK (16-bit ones widened inside the norm)
+                _row_norms(v, acc, norms, rows)
             start, base = stop, ends[stop - 1]
     return total + _sum_of_squares(norms)
 
