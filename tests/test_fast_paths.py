@@ -207,17 +207,60 @@ def test_no_clip_leaves_values_unchanged(fast_backend):
 # -- NumPy specifics -------------------------------------------------------------------------
 
 
+def _numpy_leaves(rng):
+    """Large leaves (one strided), runs of small ones and a scalar, for chunks of 4096."""
+    return [
+        rng.standard_normal((300, 500), dtype=np.float32),
+        rng.standard_normal(9, dtype=np.float32),
+        *(rng.standard_normal(700, dtype=np.float32) for _ in range(20)),
+        rng.standard_normal((90, 300), dtype=np.float32).T,
+        rng.standard_normal(70_001, dtype=np.float32),
+        np.full((), 2.0, dtype=np.float32),
+    ]
+
+
+def test_numpy_units_cover_every_chunk_once(monkeypatch):
+    """The threads' units: the chunks of every large leaf and runs of small leaves of at
+    most ``CHUNK`` elements together, in order, each element once."""
+    from gradclip import _fast_numpy
+
+    monkeypatch.setattr(_fast_numpy, "CHUNK", 4096)
+    leaves = _numpy_leaves(np.random.default_rng(5))
+    units = _fast_numpy._units(leaves, _fast_numpy.chunks, lambda x: x.size)
+    for u in units:
+        if isinstance(u, range):
+            assert sum(leaves[i].size for i in u) <= 4096 or len(u) == 1
+    assert len(units) <= 2 * sum(x.size for x in leaves) // 4096 + 2
+    got = list(_fast_numpy._taken(iter(units), leaves, _fast_numpy.chunks))
+    want = [c for x in leaves for c in _fast_numpy.chunks(x)]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_numpy_threads_agree_with_one_thread(monkeypatch):
     from gradclip import _fast_numpy
 
-    rng = np.random.default_rng(5)
-    arrays = [rng.standard_normal(s, dtype=np.float32) for s in [(300, 500), (70_001,), (9,)]]
+    arrays = _numpy_leaves(np.random.default_rng(5))
+    monkeypatch.setattr(_fast_numpy, "CHUNK", 4096)  # many units of work
+    monkeypatch.setattr(_fast_numpy, "DOT", 1024)
     one = _fast_numpy.norm_of_arrays(arrays, 2)
+    exact = math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays))
+    factors = {np.dtype(np.float32): np.asarray(0.37, dtype=np.float32)}
+    outs = [np.empty_like(x, order="C") for x in arrays]
+    _fast_numpy.scale_arrays(arrays, factors, outs)
     monkeypatch.setattr(_fast_numpy, "PARALLEL_MIN", 0)
     many = _fast_numpy.norm_of_arrays(arrays, 2)
-    exact = math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays))
     assert many == pytest.approx(one, rel=1e-12)
     assert one == pytest.approx(exact, rel=1e-7)  # float32 dots over chunks, float64 sum
+    threaded = [np.empty_like(x, order="C") for x in arrays]
+    _fast_numpy.scale_arrays(arrays, factors, threaded)
+    copies = [x.copy() for x in arrays]
+    _fast_numpy.scale_arrays(copies, factors)
+    for x, a, b, c in zip(arrays, outs, threaded, copies):
+        np.testing.assert_array_equal(a, x * np.float32(0.37))
+        np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(c, a)
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])

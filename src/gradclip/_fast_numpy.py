@@ -1,13 +1,13 @@
 """NumPy fast path: the global norm and the scaling in chunks, on a few threads.
 
 NumPy's ufuncs run on one thread but release the GIL, so large leaves are cut into
-chunks of ``CHUNK`` elements (views, never copies) that a few threads claim one by
-one.
+chunks of ``CHUNK`` elements (views, never copies), small ones grouped into runs of up
+to as many, and a few threads take these units one by one from a shared list.
 
 The 2-norm is a blocked sum: one BLAS dot (``sdot``/``ddot``, one read of the
-memory) per chunk, the chunks' results added in float64; chunks of values with few
-significant bits (bfloat16 or float16 values, widened or stored as float32) by rows
-of ``ROW`` elements instead (see :func:`_dot`). When that total lies well inside the
+memory) per ``DOT`` elements, the dots' results added in float64; chunks of values
+with few significant bits (bfloat16 or float16 values, widened or stored as float32)
+by rows of ``ROW`` elements instead (see :func:`_dot`). When that total lies well inside the
 accumulation dtype's range, no square overflowed and what underflowed is negligible,
 so its square root is the norm to a few ulps (the chunks are short and summed in
 double precision: far more accurate than one dot over a large leaf). Only when it
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,7 +43,8 @@ from . import _clipping, _tree
 
 __all__ = ["global_norm_impl", "norm_of_arrays", "scale_arrays", "scale_impl"]
 
-CHUNK = 1 << 18  # elements per dot and per task: 1 MiB of float32
+CHUNK = 1 << 20  # elements per unit of work: 4 MiB of float32
+DOT = 1 << 18  # elements per dot (a float32 dot over 2^20 normals is off by ~1e-6)
 PARALLEL_MIN = 1 << 19  # below this many elements one thread is faster than a pool
 BUFFER_SHARE = 0.008  # the buffers of all threads, as a share of the gradients' bytes
 SMALL_SIZE = 1 << 22  # below this many elements, half the share: the call's fixed costs
@@ -110,15 +112,43 @@ def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
                 yield x[i : i + step]
 
 
-def _claimed(items: Iterable[Any], split: Callable, tickets: Iterator[int]) -> Iterator[Any]:
-    """The chunks (``split(item)``) of ``items`` whose ordinals this thread claims from
-    the shared ``tickets``: one at a time, each when the last is done, so threads that
-    run slower (memory further away, a core shared with another tenant) take fewer."""
-    want = next(tickets)
-    for i, c in enumerate(itertools.chain.from_iterable(map(split, items))):
-        if i == want:
-            yield c
-            want = next(tickets)
+def _units(items: Sequence[Any], split: Callable, size: Callable[[Any], int]) -> list[Any]:
+    """The units of work over ``items``: the chunks (``split``) of each item larger than
+    ``CHUNK``, and runs of the smaller ones, up to ``CHUNK`` elements together, as
+    ranges of their indices. One thread takes a run of small leaves (a model's
+    batch-norm vectors) rather than both taking turns at the GIL between tiny calls,
+    and the list has one entry per ``CHUNK`` elements at most (a few bytes per MiB),
+    however many leaves there are."""
+    units: list[Any] = []
+    start = run = 0
+    for i, x in enumerate(items):
+        n = size(x)
+        if n > CHUNK:
+            if start < i:
+                units.append(range(start, i))
+            units.extend(split(x))
+            start, run = i + 1, 0
+        elif run + n > CHUNK:
+            units.append(range(start, i))
+            start, run = i, n
+        else:
+            run += n
+    if start < len(items):
+        units.append(range(start, len(items)))
+    return units
+
+
+def _taken(units: Iterator[Any], items: Sequence[Any], split: Callable) -> Iterator[Any]:
+    """The chunks of the units this thread takes from the shared ``units`` (a list's
+    iterator: ``next`` is atomic under the GIL), each when the last is done, so a
+    thread that runs slower (memory further away, a core shared with another tenant)
+    takes fewer."""
+    for u in units:
+        if isinstance(u, range):
+            for i in u:
+                yield from split(items[i])
+        else:
+            yield u
 
 
 def _threads_for(size: int) -> int:
@@ -132,16 +162,15 @@ def _run(
     *,
     split: Callable[[Any], Iterable[Any]] = chunks,
     threads: int | None = None,
+    item_size: Callable[[Any], int] = operator.attrgetter("size"),
 ) -> list[Any]:
     """``work`` over the chunks of ``items``: on one thread for small inputs, else on
-    a few threads that claim the chunks one by one (``itertools.count`` is atomic
-    under the GIL; nothing is listed: each thread walks the items and takes the
-    chunks it claimed)."""
+    a few threads that take the units of :func:`_units` one by one."""
     n = _threads_for(size) if threads is None else threads
     if n == 1:
         return [work(itertools.chain.from_iterable(map(split, items)))]
-    tickets = itertools.count()
-    return list(_executor().map(lambda _: work(_claimed(items, split, tickets)), range(n)))
+    units = iter(_units(items, split, item_size))
+    return list(_executor().map(lambda _: work(_taken(units, items, split)), range(n)))
 
 
 def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
@@ -235,15 +264,18 @@ _SHORT_MASK = int.from_bytes(SHORT_BITS.to_bytes(4, "little") * SAMPLE, "little"
 
 
 def _dot(c: np.ndarray) -> float:
-    """The sum of squares of ``c`` (1-D, float32 or float64): one BLAS dot (the
-    fastest read), or :func:`_dot_rows` when the first ``SAMPLE`` float32 elements
+    """The sum of squares of ``c`` (1-D, float32 or float64): a BLAS dot per ``DOT``
+    elements (the fastest read), or :func:`_dot_rows` when the first ``SAMPLE`` float32 elements
     have no bit of ``SHORT_BITS`` set. A dot adds a whole chunk in a few float32
-    lanes; the rounding errors of full float32 squares cancel there, but those of
-    values with few significant bits do not: over 2^18 of them it is off by up to
-    ~1e-5, by rows of ``ROW`` an ulp or two."""
+    lanes; the rounding errors of full float32 squares cancel there (a dot over 2^18
+    normals is off by ~1e-7, over 2^20 by ~1e-6), but those of values with few
+    significant bits do not: over 2^18 of them it is off by up to ~1e-5, by rows of
+    ``ROW`` an ulp or two."""
     sampled = c.dtype == np.float32 and c.shape[0] > ROW
     if sampled and not int.from_bytes(c[:SAMPLE].tobytes(), "little") & _SHORT_MASK:
         return _dot_rows(c)
+    if c.shape[0] > DOT:  # a dot each (``vecdot`` would hold the GIL)
+        return sum(float(np.dot(d, d)) for d in _pieces(c, DOT))
     return float(np.dot(c, c))
 
 
@@ -407,7 +439,7 @@ def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any
         return ((a[i : i + CHUNK], b[i : i + CHUNK]) for i in range(0, a.size, CHUNK))
 
     work = lambda ts: _scale_work(ts, factors)  # noqa: E731
-    _run(list(zip(arrays, outs)), work, size, split=split)
+    _run(list(zip(arrays, outs)), work, size, split=split, item_size=lambda p: p[0].size)
 
 
 def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
