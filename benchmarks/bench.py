@@ -13,8 +13,9 @@ scaled back exactly between cases). Functional calls leave the data alone and us
 ``norm0 / 2``.
 
 Memory: NumPy calls are measured with ``tracemalloc`` (NumPy reports its buffers
-to it); every other call with the growth of the process's peak resident set
-(``VmHWM`` after resetting it through ``/proc/self/clear_refs``), which counts
+to it), torch-CUDA calls with torch's peak allocated CUDA memory, every other call
+with the growth of the process's peak resident set (``VmHWM`` after resetting it
+through ``/proc/self/clear_refs``), which counts
 fresh pages only: memory the allocator reuses from earlier frees is not seen,
 so those figures are lower bounds.
 """
@@ -175,40 +176,59 @@ def cases(data: list[np.ndarray], dtype: str, half: Halver) -> dict[str, tuple[s
 
     jax = _importable("jax")
     if jax is not None:
-        import jax.numpy as jnp
-
-        jg = [jnp.asarray(x) for x in data]
-        m = jnp.asarray(norm0 / 2, dtype=jnp.float32)
-        clip = jax.jit(lambda g, m: gradclip.clip_by_global_norm(g, m))
-        out["gradclip jax (jit)"] = ("jax", lambda k: clip(jg, m))
-        # what any jitted functional clip must do at least: read every leaf and write a
-        # fresh output (no norm at all); the bound on how far under optax a jit can go
-        mul = jax.jit(lambda g, m: [x * m.astype(x.dtype) for x in g])
-        out["floor jax (jit, multiply only)"] = ("jax", lambda k: mul(jg, m))
-        out["gradclip jax (eager)"] = ("jax", lambda k: gradclip.clip_by_global_norm(jg, m))
-        optax = _importable("optax")
-        if optax is not None:
-            tx = optax.clip_by_global_norm(norm0 / 2)
-            upd = jax.jit(lambda g: tx.update(g, None)[0])
-            out["optax clip_by_global_norm (jit)"] = ("jax", lambda k: upd(jg))
-            out["optax clip_by_global_norm (eager)"] = ("jax", lambda k: tx.update(jg, None)[0])
+        out.update(_jax_cases(jax, data, norm0))
 
     cp = _cupy()
     if cp is not None and dtype != "bfloat16":
         cg = [cp.asarray(x) for x in data]
-        cflat = cp.zeros(sum(x.size for x in data), dtype=cg[0].dtype)
         cu_half = Halver(cg, norm0)
         half.others.append(cu_half)
         out["gradclip cupy (in place)"] = (
             "cupy",
             lambda k: gradclip.clip_by_global_norm_(cg, cu_half(k), eps=1e-6),
         )
+        out["floor cupy (copy of 1.5 x bytes)"] = (
+            "cupy",
+            _copy_floor(lambda n: cp.ones(n, dtype=cp.float32), data),
+        )
+    return out
 
-        def cfloor(k: int) -> Any:
-            cflat.sum()
-            return cp.multiply(cflat, 0.5, out=cflat)
 
-        out["floor cupy (sum + mul, flat)"] = ("cupy", cfloor)
+def _copy_floor(ones: Callable[[int], Any], data: list[np.ndarray]) -> Call:
+    """The GPU floor, 3 x bytes / copy bandwidth, measured: a device-to-device copy of
+    1.5 x the gradients' bytes (read once and written once); ``ones(n)``: n float32
+    ones on the device."""
+    src = ones((3 * sum(x.nbytes for x in data) // 2 + 3) // 4)
+    dst = src * 0
+    if hasattr(dst, "copy_"):  # torch
+        return lambda k: dst.copy_(src)
+    import cupy as cp
+
+    return lambda k: cp.copyto(dst, src)
+
+
+def _jax_cases(jax: Any, data: list[np.ndarray], norm0: float) -> dict[str, tuple[str, Call]]:
+    """JAX and optax, jitted and eager, on JAX's default device: ``jax`` on the CPU,
+    ``jax-gpu`` on a GPU (the cases' names say which)."""
+    import jax.numpy as jnp
+
+    lib = "jax" if jax.default_backend() == "cpu" else f"jax-{jax.default_backend()}"
+    jg = [jnp.asarray(x) for x in data]
+    m = jnp.asarray(norm0 / 2, dtype=jnp.float32)
+    clip = jax.jit(lambda g, m: gradclip.clip_by_global_norm(g, m))
+    out = {f"gradclip {lib} (jit)": (lib, lambda k: clip(jg, m))}
+    # what any jitted functional clip must do at least: read every leaf and write a
+    # fresh output (no norm at all); the bound on how far under optax a jit can go
+    mul = jax.jit(lambda g, m: [x * m.astype(x.dtype) for x in g])
+    out[f"floor {lib} (jit, multiply only)"] = (lib, lambda k: mul(jg, m))
+    out[f"gradclip {lib} (eager)"] = (lib, lambda k: gradclip.clip_by_global_norm(jg, m))
+    optax = _importable("optax")
+    if optax is not None:
+        tx = optax.clip_by_global_norm(norm0 / 2)
+        upd = jax.jit(lambda g: tx.update(g, None)[0])
+        tag = "" if lib == "jax" else f" {lib}"
+        out[f"optax{tag} clip_by_global_norm (jit)"] = (lib, lambda k: upd(jg))
+        out[f"optax{tag} clip_by_global_norm (eager)"] = (lib, lambda k: tx.update(jg, None)[0])
     return out
 
 
@@ -224,6 +244,10 @@ def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, t
     cuda_half = Halver(ts, half.norm0)
     half.others.append(cuda_half)
     return {
+        "floor torch-cuda (copy of 1.5 x bytes)": (
+            "cuda",
+            _copy_floor(lambda n: torch.ones(n, device="cuda"), data),
+        ),
         "gradclip torch-cuda (in place)": (
             "cuda",
             lambda k: gradclip.clip_by_global_norm_(ts, cuda_half(k), eps=1e-6),
@@ -267,6 +291,17 @@ def _status(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise OSError(key)
+
+
+def _cuda_peak(call: Callable[[], Any]) -> int:
+    """Growth of torch's peak allocated CUDA memory during ``call``."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    _wait(call())
+    return max(0, torch.cuda.max_memory_allocated() - before)
 
 
 def _tracemalloc_peak(call: Callable[[], Any]) -> int:
@@ -321,6 +356,8 @@ def measure(
         _gc.enable()
     if library == "numpy":
         mem, how = _tracemalloc_peak(lambda: call(k)), "tracemalloc"
+    elif library == "cuda":
+        mem, how = _cuda_peak(lambda: call(k)), "cuda-peak"
     else:
         mem, how = _rss_peak_delta(lambda: call(k)), "rss-hwm"
     return {
@@ -396,10 +433,28 @@ GOALS = [
         _every(1.0),
     ),
     (
+        "torch-cuda extra memory / grads",
+        "gradclip torch-cuda (in place)",
+        "bytes",
+        _every(0.01),
+    ),
+    (
         "cupy vs cupy floor",
         "gradclip cupy (in place)",
-        "floor cupy (sum + mul, flat)",
+        "floor cupy (copy of 1.5 x bytes)",
         _every(1.2),
+    ),
+    (
+        "jax-gpu jit vs optax jit",
+        "gradclip jax-gpu (jit)",
+        "optax jax-gpu clip_by_global_norm (jit)",
+        _every(1.0),
+    ),
+    (
+        "jax-gpu eager vs jax-gpu jit",
+        "gradclip jax-gpu (eager)",
+        "gradclip jax-gpu (jit)",
+        _every(1.30),
     ),
 ]
 
@@ -471,6 +526,7 @@ def run(
     repeats: int,
     smoke: bool = False,
     log: Callable[[str], None] = print,
+    libraries: set[str] | None = None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": machine(),
@@ -489,6 +545,8 @@ def run(
             half = Halver(data, float(gradclip.global_norm(data)))
             runs = {}
             calls = cases(data, dtype, half)
+            if libraries is not None:
+                calls = {k: v for k, v in calls.items() if v[0] in libraries}
             for _, call in calls.values():  # one untimed round first: the one-time costs
                 _wait(call(0))  # of each library's runtime (compilation, thread and
                 half.restore()  # memory pools) fall on no case
@@ -616,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, for the test suite")
+    ap.add_argument(
+        "--libraries",
+        help="only these cases, e.g. cuda,cupy,jax-gpu on a GPU machine (of: numpy, "
+        "torch, floor, jax, cuda, cupy, jax-gpu)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--docs", action="store_true", help="also write docs/bench.json and the plot")
@@ -627,7 +690,12 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
     result = run(
-        args.sets.split(","), args.dtypes.split(","), args.warmup, args.repeats, smoke=args.smoke
+        args.sets.split(","),
+        args.dtypes.split(","),
+        args.warmup,
+        args.repeats,
+        smoke=args.smoke,
+        libraries=set(args.libraries.split(",")) if args.libraries else None,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

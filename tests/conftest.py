@@ -1,7 +1,8 @@
 """Shared fixtures: one ``Backend`` per array library, and float64 references.
 
 Every backend test runs on array-api-strict (the bare standard), NumPy, PyTorch
-(CPU), JAX (CPU, with float64 enabled), Dask and, where a CUDA device exists, CuPy.
+(CPU), JAX (with float64 enabled: on the GPU where jaxlib has one), Dask and, where a
+CUDA device exists, CuPy and PyTorch on CUDA (``torch_cuda``).
 A backend that cannot run here is *skipped* with the reason, never counted as passed.
 """
 
@@ -32,7 +33,7 @@ LIBRARY_CLIPPERS = {
     "quantile": lambda: gc.QuantileClip(initial_threshold=1.0, learning_rate=0.5),
 }
 
-ALL_BACKENDS = ["array_api_strict", "numpy", "torch", "jax", "dask", "cupy"]
+ALL_BACKENDS = ["array_api_strict", "numpy", "torch", "jax", "dask", "cupy", "torch_cuda"]
 FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 
@@ -45,6 +46,7 @@ class Backend:
     dtypes: set[str] = field(default_factory=lambda: set(FLOAT_DTYPES))
     writable: bool = True
     lazy: bool = False
+    device: str = "cpu"  # torch: where its tensors are made
 
     def dtype(self, name: str) -> Any:
         if self.name == "numpy" and name == "bfloat16":
@@ -61,7 +63,7 @@ class Backend:
         if dtype is not None and dtype != "bfloat16":
             a = a.astype(dtype)
         if self.name == "torch":
-            t = self.mod.from_numpy(a.copy(order="C"))
+            t = self.mod.from_numpy(a.copy(order="C")).to(self.device)
             return t.to(self.dtype(dtype)) if dtype == "bfloat16" else t
         if self.name == "jax":
             x = self.mod.asarray(a)
@@ -120,6 +122,11 @@ def make_backend(name: str) -> Backend:
         return Backend("cupy", cupy, dtypes={"float16", "float32", "float64"})
     if name == "torch":
         return Backend("torch", pytest.importorskip("torch"))
+    if name == "torch_cuda":
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("torch: no CUDA device on this machine")
+        return Backend("torch", torch, device="cuda")
     if name == "jax":
         pytest.importorskip("jax")
         return Backend("jax", importlib.import_module("jax.numpy"), writable=False, lazy=False)

@@ -20,7 +20,7 @@ from conftest import make_backend, ref_norm
 import gradclip as gc
 from gradclip import _backends, _norms, _tree
 
-FAST = ["numpy", "torch", "jax", "cupy"]
+FAST = ["numpy", "torch", "jax", "cupy", "torch_cuda"]
 ORDS = [2, math.inf, 1, 3]
 ULPS = 4  # a few units in the last place of the accumulation dtype
 
@@ -556,8 +556,8 @@ def test_cupy_block_terms_combine_to_the_core(values, p):
         arrays.append(np.array(values, dtype=np.float32))
     arrays.append(rng.standard_normal(300).astype(np.float16))
     pl = _fast_cupy.plan([a.size for a in arrays], list(range(len(arrays))))
-    ms, ss = _fast_cupy.emulate_terms(arrays, pl, np.float32)
-    got = float(_fast_cupy.combine(np, ms, ss, p))
+    ms, ss = _fast_cupy.emulate_terms(arrays, pl)
+    got = float(np.float32(_fast_cupy.combine(np, ms, ss, p)))
     with _backends.fast_paths(False):
         want = float(gc.global_norm(arrays, ord=p))
     assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=ULPS * 2e-7)
@@ -566,7 +566,7 @@ def test_cupy_block_terms_combine_to_the_core(values, p):
 def test_cupy_kernel_sources_format():
     from gradclip import _fast_cupy
 
-    for dt, (t, acc) in _fast_cupy._CTYPES.items():
-        for src in (_fast_cupy._TERMS_SRC, _fast_cupy._SCALE_SRC):
-            code = src.format(name=dt, t=t, acc=acc, threads=_fast_cupy.THREADS)
+    for dt, (t, widen, acc) in _fast_cupy._CTYPES.items():
+        for src in (_fast_cupy._TERMS_SRC, _fast_cupy._SCALE_SRC, _fast_cupy._FINISH_SRC):
+            code = src.format(name=dt, t=t, widen=widen, acc=acc, threads=256, two_sweeps=0)
             assert "gradclip_" in code and "{" in code and "{{" not in code

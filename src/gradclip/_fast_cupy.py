@@ -1,23 +1,30 @@
 """CuPy fast path: one kernel launch per dtype group, over a table of pointers.
 
 One launch per leaf loses to torch's fused foreach kernels on many small tensors, so
-the leaves of one dtype are described by a table (a device array of data pointers
-and sizes) and cut into blocks of ``BLOCK`` elements; one ``RawKernel`` launch gives
-every block its ``(m, s)`` term of the core (``m`` the largest magnitude, ``s`` the
-sum of ``(|x| / d) ** 2`` with ``d = m`` when finite and > 0, else 1: two sweeps over
-the block, the second from cache), and the core's combination runs on the block
-terms. The scaling is one launch per group too, reading the scale from device
-memory (no host synchronisation). Only C-contiguous float16/float32/float64 leaves
-qualify (CuPy has no bfloat16); anything else runs the core.
+the leaves of one dtype are described by a table (one device array of the data
+pointers, the sizes, and each block's leaf and first element) and cut into blocks of
+``BLOCK`` elements; one ``RawKernel`` launch gives every block its ``(m, s)`` term
+of the core: ``m`` the largest magnitude (NaN sticky) and ``s`` the sum of
+``(|x| / d) ** 2`` with ``d = m`` when finite and > 0, else 1. float16 and float32
+blocks are read once and their squares summed in float64, where no square of a
+finite value overflows or underflows, then divided by ``d ** 2``; float64 blocks
+take two sweeps (the maximum, then the scaled squares from the cache). One more
+single-block launch combines every block's terms as the core's ``_combine`` does, in
+float64, and writes the norm in the accumulation dtype. The scaling is one launch
+per group too, reading the scale from device memory (no host synchronisation).
+Only C-contiguous float16/float32/float64 leaves qualify (CuPy has no bfloat16);
+anything else runs the core. The tables are kept for the last few trees (keyed by
+their pointers and sizes), so a training loop copies nothing to the device.
 
 The planning (groups, tables, blocks) is plain Python and NumPy and is tested on the
-CPU, with :func:`emulate_terms` standing in for the kernel; the kernels themselves
-are compiled only on a GPU. GPU timings have not been measured yet.
+CPU, with :func:`emulate_terms` standing in for the kernel; the kernels are compiled
+and checked against the core on a GPU (``tests/test_gpu.py``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,48 +35,62 @@ from . import _clipping, _norms, _tree
 
 __all__ = ["BLOCK", "Plan", "emulate_terms", "global_norm_impl", "plan", "scale_impl"]
 
-BLOCK = 8192  # elements per CUDA block: 32 KiB of float32, re-read from L1/L2
+BLOCK = 8192  # elements per CUDA block
 THREADS = 256
+FINISH_THREADS = 1024
 
-_CTYPES = {"float16": ("__half", "float"), "float32": ("float", "float"),
-           "float64": ("double", "double")}  # fmt: skip
+# dtype -> (C type, expression widening element v to double, C type of the scale)
+_CTYPES = {
+    "float16": ("__half", "(double)__half2float(v)", "float"),
+    "float32": ("float", "(double)(v)", "float"),
+    "float64": ("double", "(v)", "double"),
+}
 
-_TERMS_SRC = r"""
+# The table of a group: int64 [ptrs (n), sizes (n), leaf (blocks), start (blocks)].
+_HEAD = r"""
 #include <cuda_fp16.h>
+#define WIDEN(v) ({widen})
+__device__ __forceinline__ double nan_max(double m, double a) {{
+    return (m != m || a <= m) ? m : a;  // a NaN stays
+}}
+"""
+
+_TERMS_SRC = (
+    _HEAD
+    + r"""
 extern "C" __global__ void gradclip_terms_{name}(
-    const unsigned long long* ptrs, const long long* sizes,
-    const int* block_leaf, const long long* block_start, int block_len,
-    {acc}* out_m, {acc}* out_s)
+    const long long* table, int n, int blocks, int block_len, double* out_m, double* out_s)
 {{
-    __shared__ {acc} red[{threads}];
+    __shared__ double red[{threads}];
     const int b = blockIdx.x;
-    const {t}* x = (const {t}*)ptrs[block_leaf[b]];
-    const long long lo = block_start[b];
+    const long long leaf = table[2 * n + b];
+    const {t}* x = (const {t}*)table[leaf];
+    const long long lo = table[2 * n + blocks + b];
     long long hi = lo + block_len;
-    if (hi > sizes[block_leaf[b]]) hi = sizes[block_leaf[b]];
-    // sweep 1: the largest magnitude, NaN sticky
-    {acc} m = 0;
+    if (hi > table[n + leaf]) hi = table[n + leaf];
+    double m = 0, s = 0;
+    #pragma unroll 4
     for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {{
-        {acc} a = fabs(({acc})x[i]);
-        if (a > m || a != a) m = (m != m) ? m : a;
+        const double a = fabs(WIDEN(x[i]));
+        m = nan_max(m, a);
+        if (!{two_sweeps}) s += a * a;  // float64 holds every finite square
     }}
     red[threadIdx.x] = m;
     __syncthreads();
     for (int k = blockDim.x / 2; k > 0; k >>= 1) {{
-        if (threadIdx.x < k) {{
-            {acc} o = red[threadIdx.x + k], v = red[threadIdx.x];
-            if (o > v || o != o) red[threadIdx.x] = (v != v) ? v : o;
-        }}
+        if (threadIdx.x < k) red[threadIdx.x] = nan_max(red[threadIdx.x], red[threadIdx.x + k]);
         __syncthreads();
     }}
     m = red[0];
     __syncthreads();
-    const {acc} d = (m > 0 && isfinite(m)) ? m : ({acc})1;
-    // sweep 2: the scaled sum of squares (the block is in cache now)
-    {acc} s = 0;
-    for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {{
-        {acc} y = fabs(({acc})x[i]) / d;
-        s += y * y;
+    const double d = (m > 0 && isfinite(m)) ? m : 1.0;
+    if ({two_sweeps}) {{  // float64 leaves: the scaled squares, from the cache
+        for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {{
+            const double y = fabs(WIDEN(x[i])) / d;
+            s += y * y;
+        }}
+    }} else {{
+        s = s / (d * d);
     }}
     red[threadIdx.x] = s;
     __syncthreads();
@@ -80,24 +101,70 @@ extern "C" __global__ void gradclip_terms_{name}(
     if (threadIdx.x == 0) {{ out_m[b] = m; out_s[b] = red[0]; }}
 }}
 """
+)
 
-_SCALE_SRC = r"""
-#include <cuda_fp16.h>
+# The core's _combine of every block's (m, s), in one block: the largest m, then the
+# sum of (m_b / scale)^2 * s_b, then scale * sqrt(sum) (the inf-norm: the largest m).
+_FINISH_SRC = r"""
+extern "C" __global__ void gradclip_finish_{name}(
+    const double* ms, const double* ss, int blocks, int inf_norm, {t}* out)
+{{
+    __shared__ double red[{threads}];
+    double big = 0;
+    for (int i = threadIdx.x; i < blocks; i += blockDim.x) {{
+        const double m = ms[i];
+        big = (big != big || m <= big) ? big : m;
+    }}
+    red[threadIdx.x] = big;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {{
+        if (threadIdx.x < k) {{
+            const double o = red[threadIdx.x + k], v = red[threadIdx.x];
+            red[threadIdx.x] = (v != v || o <= v) ? v : o;
+        }}
+        __syncthreads();
+    }}
+    big = red[0];
+    __syncthreads();
+    const double scale = (big > 0 && isfinite(big)) ? big : 1.0;
+    double acc = 0;
+    for (int i = threadIdx.x; i < blocks; i += blockDim.x) {{
+        const double m = ms[i];
+        const double r = m > 0 ? ((isfinite(m) ? m : 1.0) / scale) : 0.0;
+        acc += r * r * ss[i];
+    }}
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {{
+        if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
+        __syncthreads();
+    }}
+    if (threadIdx.x == 0) {{
+        const double t = red[0];
+        *out = ({t})(inf_norm ? big : (t > 0 ? scale * sqrt(t) : t));
+    }}
+}}
+"""
+
+_SCALE_SRC = (
+    _HEAD
+    + r"""
 extern "C" __global__ void gradclip_scale_{name}(
-    const unsigned long long* ptrs, const long long* sizes,
-    const int* block_leaf, const long long* block_start, int block_len,
-    const {acc}* scale)
+    const long long* table, int n, int blocks, int block_len, const {acc}* scale)
 {{
     const int b = blockIdx.x;
-    {t}* x = ({t}*)ptrs[block_leaf[b]];
-    const long long lo = block_start[b];
+    const long long leaf = table[2 * n + b];
+    {t}* x = ({t}*)table[leaf];
+    const long long lo = table[2 * n + blocks + b];
     long long hi = lo + block_len;
-    if (hi > sizes[block_leaf[b]]) hi = sizes[block_leaf[b]];
+    if (hi > table[n + leaf]) hi = table[n + leaf];
     const {acc} s = *scale;
+    #pragma unroll 4
     for (long long i = lo + threadIdx.x; i < hi; i += blockDim.x)
         x[i] = ({t})(({acc})x[i] * s);
 }}
 """
+)
 
 
 @dataclass(frozen=True)
@@ -130,32 +197,37 @@ def groups(dtypes: Sequence[str], sizes: Sequence[int]) -> dict[str, Plan]:
     return {dt: plan([sizes[i] for i in idx], idx) for dt, idx in by.items()}
 
 
-def emulate_terms(arrays: Sequence[np.ndarray], p: Plan, acc: Any) -> tuple[np.ndarray, ...]:
-    """What the terms kernel computes, in NumPy (for tests on machines without a GPU)."""
+def emulate_terms(arrays: Sequence[np.ndarray], p: Plan) -> tuple[np.ndarray, ...]:
+    """What the terms kernel computes (float64 ``m`` and ``s`` per block), in NumPy,
+    for tests on machines without a GPU."""
     flat = [np.asarray(arrays[i]).reshape(-1) for i in p.indices]
     ms, ss = [], []
     for leaf, lo in zip(p.leaf, p.start):
-        a = np.abs(flat[leaf][lo : lo + BLOCK].astype(acc))
-        m = a.max() if not np.isnan(a).any() else acc(np.nan)
-        d = m if np.isfinite(m) and m > 0 else acc(1)
+        x = flat[leaf][lo : lo + BLOCK]
+        a = np.abs(x.astype(np.float64))
+        m = a.max() if not np.isnan(a).any() else np.nan
+        d = m if np.isfinite(m) and m > 0 else 1.0
         ms.append(m)
-        ss.append(np.sum((a / d) ** 2, dtype=acc))
-    return np.asarray(ms, dtype=acc), np.asarray(ss, dtype=acc)
+        ss.append(np.sum((a / d) ** 2) if x.dtype == np.float64 else np.sum(a * a) / (d * d))
+    return np.asarray(ms, dtype=np.float64), np.asarray(ss, dtype=np.float64)
 
 
 def combine(xp: Any, ms: Any, ss: Any, p: float) -> Any:
-    """The core's combination (``_norms._combine``) of stacked block terms."""
+    """What the finish kernel computes: the core's combination (``_norms._combine``)
+    of stacked block terms."""
     big = xp.max(ms)
     if math.isinf(p):
         return big
     scale = _norms._safe_scale(xp, big)
-    r = _norms._safe_scale(xp, ms) / scale
+    r = xp.where(ms > 0, _norms._safe_scale(xp, ms), xp.zeros_like(ms)) / scale
     return _norms._scaled_root(xp, scale, xp.sum(r * r * ss), p)
 
 
 # -- on the GPU -------------------------------------------------------------------------------
 
 _kernels: dict[tuple[str, str], Any] = {}
+_tables: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # the last few trees' tables
+TABLES = 8
 
 
 def _kernel(kind: str, dtype: str) -> Any:
@@ -163,17 +235,53 @@ def _kernel(kind: str, dtype: str) -> Any:
 
     key = (kind, dtype)
     if key not in _kernels:
-        t, acc = _CTYPES[dtype]
-        src = (_TERMS_SRC if kind == "terms" else _SCALE_SRC).format(
-            name=dtype, t=t, acc=acc, threads=THREADS
-        )
-        _kernels[key] = cupy.RawKernel(src, f"gradclip_{kind}_{dtype}")
+        t, widen, acc = _CTYPES[dtype]
+        src = {"terms": _TERMS_SRC, "scale": _SCALE_SRC, "finish": _FINISH_SRC}[kind]
+        threads = FINISH_THREADS if kind == "finish" else THREADS
+        code = src.format(
+            name=dtype, t=t, widen=widen, acc=acc, threads=threads,
+            two_sweeps=int(dtype == "float64"),
+        )  # fmt: skip
+        _kernels[key] = cupy.RawKernel(code, f"gradclip_{kind}_{dtype}")
     return _kernels[key]
 
 
-def _device_plan(cp: Any, leaves: Sequence[Any], p: Plan) -> tuple[Any, ...]:
-    ptrs = cp.asarray(np.asarray([leaves[i].data.ptr for i in p.indices], dtype=np.uint64))
-    return ptrs, cp.asarray(p.sizes), cp.asarray(p.leaf), cp.asarray(p.start)
+def table(p: Plan, ptrs: Sequence[int]) -> np.ndarray:
+    """The group's table as the kernels read it: int64 pointers, sizes, and each
+    block's leaf and first element."""
+    return np.concatenate(
+        [np.asarray(ptrs, dtype=np.uint64).view(np.int64), p.sizes, p.leaf.astype(np.int64),
+         p.start]
+    )  # fmt: skip
+
+
+def _launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
+    """``(dtype, plan, table on the device)`` per dtype group with elements; the same
+    pointers and sizes (a training loop's gradients) reuse the tables on the device."""
+    import cupy as cp
+
+    leaves = tree.leaves
+    ptrs = [x.data.ptr for x in leaves]
+    sizes = [x.size for x in leaves]
+    key = (tuple(x.dtype.name for x in leaves), tuple(ptrs), tuple(sizes), leaves[0].device.id)
+    found = _tables.get(key)
+    if found is None:
+        found = []
+        for dt, pl in groups(key[0], sizes).items():
+            if pl.leaf.size:
+                found.append((dt, pl, cp.asarray(table(pl, [ptrs[i] for i in pl.indices]))))
+        _tables[key] = found
+        if len(_tables) > TABLES:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return found
+
+
+def _launch(kind: str, dt: str, pl: Plan, tab: Any, *args: Any) -> None:
+    n, blocks = len(pl.indices), pl.leaf.size
+    head = (tab, np.int32(n), np.int32(blocks), np.int32(BLOCK))
+    _kernel(kind, dt)((blocks,), (THREADS,), (*head, *args))
 
 
 def _qualifies(tree: _tree.Tree) -> bool:
@@ -196,22 +304,21 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
             with _backends.fast_paths(False):
                 return _norms.tree_norm(tree, p)
         acc = np.dtype(tree.acc_dtype)
-        ms, ss = [], []
-        for dt, pl in groups(
-            [x.dtype.name for x in tree.leaves], [x.size for x in tree.leaves]
-        ).items():
-            if pl.leaf.size == 0:
-                continue
-            kacc = np.dtype(_CTYPES[dt][1])
-            m = cp.empty(pl.leaf.size, dtype=kacc)
-            s = cp.empty(pl.leaf.size, dtype=kacc)
-            args = (*_device_plan(cp, tree.leaves, pl), np.int32(BLOCK), m, s)
-            _kernel("terms", dt)((pl.leaf.size,), (THREADS,), args)
-            ms.append(m.astype(acc, copy=False))
-            ss.append(s.astype(acc, copy=False))
-        if not ms:
-            return cp.zeros((), dtype=acc)
-        return combine(cp, cp.concatenate(ms), cp.concatenate(ss), p)
+        out = cp.zeros((), dtype=acc)
+        launches = _launches(tree)
+        total = sum(pl.leaf.size for _, pl, _ in launches)
+        if not total:
+            return out
+        ms = cp.empty(total, dtype=np.float64)
+        ss = cp.empty(total, dtype=np.float64)
+        at = 0
+        for dt, pl, tab in launches:
+            nb = pl.leaf.size
+            _launch("terms", dt, pl, tab, ms[at : at + nb], ss[at : at + nb])
+            at += nb
+        args = (ms, ss, np.int32(total), np.int32(math.isinf(p)), out)
+        _kernel("finish", acc.name)((1,), (FINISH_THREADS,), args)
+        return out
 
     return norm
 
@@ -221,18 +328,11 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
         return None  # functional: the core's x * s is one kernel per leaf anyway
 
     def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
-        import cupy as cp
-
         casts: dict[Any, Any] = {}
-        for dt, pl in groups(
-            [x.dtype.name for x in tree.leaves], [x.size for x in tree.leaves]
-        ).items():
-            if pl.leaf.size == 0:
-                continue
+        for dt, pl, tab in _launches(tree):
             s = _clipping._cast(tree, casts, scale, tree.leaves[pl.indices[0]])
-            s = s.astype(np.dtype(_CTYPES[dt][1]), copy=False)
-            args = (*_device_plan(cp, tree.leaves, pl), np.int32(BLOCK), s)
-            _kernel("scale", dt)((pl.leaf.size,), (THREADS,), args)
+            s = s.astype(np.dtype(_CTYPES[dt][2]), copy=False)
+            _launch("scale", dt, pl, tab, s)
         return tree.leaves
 
     return scale

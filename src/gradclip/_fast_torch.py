@@ -17,11 +17,17 @@
 
   When the total could have overflowed or underflowed (inf, NaN, huge or tiny
   values, zeros), every tensor is recomputed exactly by the NumPy path.
-* Any other device (CUDA, MPS, ...): the core's per-leaf terms ``(m, s)`` from
-  ``torch._foreach_norm`` over each (device, dtype) group (one fused launch per group
-  instead of several kernels per leaf), combined by the core's ``_combine``. float16
-  groups need one pass (their squares cannot overflow float32); other groups take the
-  maxima first and then the norms of the leaves divided by them.
+* CUDA, 2-norm of float16/bfloat16/float32 leaves: one
+  ``torch._foreach_norm(..., dtype=torch.float64)`` per (device, dtype) group, one
+  fused read of every leaf accumulated in float64, where no square of a finite
+  float32 value overflows or underflows (the exponent range of float64 is eight times
+  float32's), then the float64 norm of the leaves' norms rounded once to float32:
+  torch's own launches, no temporaries, and no need for the core's scaling by the
+  maxima.
+* Any other device (MPS, ...), float64 leaves, the inf-norm: the core's per-leaf
+  terms ``(m, s)`` from ``torch._foreach_norm`` over each group, combined by the
+  core's ``_combine``; float16 groups need one pass, other groups take the maxima
+  first and then the norms of the leaves divided by them.
 * Scaling: ``torch._foreach_mul_`` per (device, dtype) group with the scale as a 0-d
   tensor, so there is no host synchronisation (on the CPU a scale of exactly 1 writes
   nothing). Large contiguous 16-bit CPU tensors, in groups of ``WIDE_MIN_BYTES`` or
@@ -180,6 +186,30 @@ def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
         (_norms._to_common_device(tree, m), s if s is None else _norms._to_common_device(tree, s))
         for m, s in terms
     ]
+
+
+_WIDE = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def _on_cuda(tree: _tree.Tree) -> bool:
+    """Every leaf on a CUDA device, where ``torch._foreach_norm`` is one fused kernel
+    (elsewhere it is a loop of ``vector_norm`` calls, whose ``dtype`` casts a copy)."""
+    return all(device.type == "cuda" for device, _ in _tree_groups(tree))
+
+
+def _wide_norm(tree: _tree.Tree) -> Any:
+    """The 2-norm of float16/bfloat16/float32 leaves on a device: each group's leaf
+    norms from one foreach launch accumulating in float64 (squares of finite float32
+    values neither overflow nor underflow there), their float64 norm rounded once to
+    the accumulation dtype. Nothing is read back to the host."""
+    groups = _tree_groups(tree)
+    norms: list[torch.Tensor] = []
+    for idx in groups.values():
+        xs = tree.leaves if len(groups) == 1 else [tree.leaves[i] for i in idx]
+        norms += torch._foreach_norm(xs, 2, dtype=torch.float64)
+    if len(groups) > 1:
+        norms = [_norms._to_common_device(tree, n) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms)).to(tree.acc_dtype)
 
 
 def _host_norm(tree: _tree.Tree, p: float) -> Any:
@@ -356,6 +386,8 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
                 return _norms.tree_norm(tree, p)
         if kind == "host":
             return _host_norm(tree, p)
+        if p == 2 and _dtypes(tree) <= _WIDE and _on_cuda(tree):
+            return _wide_norm(tree)
         return _norms._combine(tree, leaf_terms(tree, p), p)
 
     return norm
