@@ -312,7 +312,7 @@ def _cast(tree: _tree.Tree, cache: dict[Any, Any], scale: Any, x: Any) -> Any:
     leaf's real dtype, or the scale's own float32 for low-precision leaves."""
     xp = tree.xp
     kind = _tree.dtype_kind(xp, x.dtype)
-    key = (x.dtype, _dev(x) if _moves(x) else None)
+    key = (x.dtype, _device_key(x) if _moves(x) else None)
     if key not in cache:
         s = _to_device(scale, x)
         if kind != "low":
@@ -337,6 +337,11 @@ def _moves(x: Any) -> bool:
 
 def _dev(x: Any) -> Any:
     return _compat.device(x)
+
+
+def _device_key(x: Any) -> Any:
+    """A hashable name of a torch/CuPy array's device (CuPy's devices are not)."""
+    return x.device.id if _compat.is_cupy_array(x) else x.device
 
 
 def _to_device(v: Any, x: Any) -> Any:

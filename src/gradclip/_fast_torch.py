@@ -30,8 +30,13 @@
   first and then the norms of the leaves divided by them.
 * Scaling: ``torch._foreach_mul_`` per (device, dtype) group with the scale as a 0-d
   tensor, so there is no host synchronisation (on the CPU a scale of exactly 1 writes
-  nothing). Large contiguous 16-bit CPU tensors, in groups of ``WIDE_MIN_BYTES`` or
-  more, go piece by piece through a float32 buffer instead (widen, multiply, round back:
+  nothing). On CUDA, 16-bit leaves are multiplied by the scale rounded to their dtype,
+  as ``torch.nn.utils.clip_grad_norm_`` does: torch's fused kernel reads a 0-d scale in
+  the leaves' dtype, and no stock torch kernel multiplies them by a float32 scale
+  held in device memory without a float32 copy of every leaf (the core's way), so
+  the result may differ from the core's by an ulp of the leaf's dtype. Large
+  contiguous 16-bit CPU tensors, in groups of ``WIDE_MIN_BYTES`` or more, go piece by
+  piece through a float32 buffer instead (widen, multiply, round back:
   torch's own result, bit for bit, faster than its 16-bit kernel on memory that is
   not in the cache).
 """
@@ -413,9 +418,13 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
         casts: dict[Any, Any] = {}
         out: list[Any] = list(tree.leaves)
         groups = _tree_groups(tree)
-        for (_, dtype), idx in groups.items():
+        for (device, dtype), idx in groups.items():
             xs = tree.leaves if len(groups) == 1 else [tree.leaves[i] for i in idx]
             s = _clipping._cast(tree, casts, scale, xs[0])
+            if s.dtype != dtype and device.type == "cuda":
+                # torch's fused CUDA kernels read a tensor scale in the leaves' dtype
+                # (another dtype takes a slow loop that rounds it all the same)
+                s = s.to(dtype)
             if inplace and host and s.dtype != dtype:
                 sizes = _sizes(tree)
                 size = sum(sizes) if len(groups) == 1 else sum(sizes[i] for i in idx)
