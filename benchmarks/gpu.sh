@@ -4,7 +4,7 @@
 # then the benchmark's GPU cases. Run from the repository root, with the wheels that
 # machine lacks in .whl/ (array-api-compat, array-api-strict). Writes to $OUT (or
 # benchmarks/results/gpu).
-#   bash benchmarks/gpu.sh [tests|bench|all] [bench args...]
+#   bash benchmarks/gpu.sh [tests|bench|profile|all] [bench args...]
 set -uo pipefail
 what=${1:-all}
 shift || true
@@ -30,8 +30,12 @@ if [[ $what == tests || $what == all ]]; then
         tests/test_numpy_inplace.py tests/test_torch.py tests/test_optax.py \
         tests/test_jax_transforms.py tests/test_adaptive.py tests/test_per_example.py \
         tests/test_stateful.py tests/test_parity.py tests/test_properties.py \
-        2>&1 | tee "$OUT/tests.log" | tail -40
+        -k "not opacus" 2>&1 | tee "$OUT/tests.log" | tail -40
     rc=${PIPESTATUS[0]}
+fi
+if [[ $what == profile || $what == all ]]; then
+    python3 benchmarks/gpu_profile.py 2>&1 | tee "$OUT/profile.log"
+    rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == bench || $what == all ]]; then
     python3 benchmarks/bench.py --libraries cuda,cupy,jax-gpu --no-plot --out "$OUT" "$@" \

@@ -72,8 +72,9 @@ def test_same_updates_and_params_as_optax(ours, theirs, inner, dtype):
     opt = (lambda: optax.sgd(0.1)) if inner == "sgd" else (lambda: optax.adam(0.1))
     a = _run(optax.chain(ours(), opt()), grads, params)
     b = _run(optax.chain(theirs(), opt()), grads, params)
-    # to rounding: a few ulps of the largest element (Adam's moments cancel in places)
-    tol = 4e-7 if dtype == "float32" else 1e-15
+    # to rounding: a few ulps of the largest element (Adam's moments cancel in places;
+    # XLA's GPU kernels round Adam's steps a little differently from its CPU ones)
+    tol = (4e-7 if jax.default_backend() == "cpu" else 2e-6) if dtype == "float32" else 1e-15
     for (ua, pa, _), (ub, pb, _) in zip(a, b):
         for k in ("w", "b"):
             assert ua[k].dtype == ub[k].dtype == pa[k].dtype

@@ -24,6 +24,7 @@ and checked against the core on a GPU (``tests/test_gpu.py``).
 from __future__ import annotations
 
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ _CTYPES = {
     "float32": ("float", "(double)(v)", "float"),
     "float64": ("double", "(v)", "double"),
 }
+
+_NP = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
 
 # The table of a group: int64 [ptrs (n), sizes (n), leaf (blocks), start (blocks)].
 _HEAD = r"""
@@ -255,9 +258,29 @@ def table(p: Plan, ptrs: Sequence[int]) -> np.ndarray:
     )  # fmt: skip
 
 
+# (weak reference to the tree, {what: value}): the norm and the scaling of one call
+# both ask whether the tree qualifies and for its launches
+_last: tuple[Any, dict[str, Any]] = (lambda: None, {})
+
+
+def _cached(tree: _tree.Tree, what: str, find: Callable[[_tree.Tree], Any]) -> Any:
+    global _last
+    if _last[0]() is not tree:
+        _last = (weakref.ref(tree), {})
+    found = _last[1]
+    if what not in found:
+        found[what] = find(tree)
+    return found[what]
+
+
 def _launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
     """``(dtype, plan, table on the device)`` per dtype group with elements; the same
-    pointers and sizes (a training loop's gradients) reuse the tables on the device."""
+    pointers and sizes (a training loop's gradients) reuse the tables already on the
+    device."""
+    return _cached(tree, "launches", _find_launches)
+
+
+def _find_launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
     import cupy as cp
 
     leaves = tree.leaves
@@ -285,9 +308,14 @@ def _launch(kind: str, dt: str, pl: Plan, tab: Any, *args: Any) -> None:
 
 
 def _qualifies(tree: _tree.Tree) -> bool:
-    dev = tree.leaves[0].device
+    return _cached(tree, "qualifies", _find_qualifies)
+
+
+def _find_qualifies(tree: _tree.Tree) -> bool:
+    dev = tree.leaves[0].device.id
     return all(
-        x.dtype.name in _CTYPES and x.flags.c_contiguous and x.device == dev for x in tree.leaves
+        x.dtype.name in _CTYPES and x.flags.c_contiguous and x.device.id == dev
+        for x in tree.leaves
     )
 
 
@@ -304,11 +332,11 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
             with _backends.fast_paths(False):
                 return _norms.tree_norm(tree, p)
         acc = np.dtype(tree.acc_dtype)
-        out = cp.zeros((), dtype=acc)
         launches = _launches(tree)
         total = sum(pl.leaf.size for _, pl, _ in launches)
         if not total:
-            return out
+            return cp.zeros((), dtype=acc)
+        out = cp.empty((), dtype=acc)
         ms = cp.empty(total, dtype=np.float64)
         ss = cp.empty(total, dtype=np.float64)
         at = 0
@@ -331,7 +359,7 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
         casts: dict[Any, Any] = {}
         for dt, pl, tab in _launches(tree):
             s = _clipping._cast(tree, casts, scale, tree.leaves[pl.indices[0]])
-            s = s.astype(np.dtype(_CTYPES[dt][2]), copy=False)
+            s = s.astype(_NP[_CTYPES[dt][2]], copy=False)
             _launch("scale", dt, pl, tab, s)
         return tree.leaves
 
