@@ -658,10 +658,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_yscale("log")
         ax.tick_params(axis="y", labelsize=7)
     m = result["machine"]
-    fig.suptitle(
-        f"gradclip: ratios (lower is better; dashed: goal) - {m['cpu']}, {m['cores']} cores",
-        fontsize=9,
-    )
+    where = f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if "gpu" in m else "")
+    fig.suptitle(f"gradclip: ratios (lower is better; dashed: goal) - {where}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -686,9 +684,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--markdown", metavar="JSON", help="print the tables of a finished run (no timing)"
     )
+    ap.add_argument(
+        "--plot", nargs=2, metavar=("JSON", "PNG"), help="plot a finished run (no timing)"
+    )
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), Path(args.plot[1]))
         return 0
     result = run(
         args.sets.split(","),

@@ -93,3 +93,15 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
     assert md[2].startswith(f"| gradclip numpy (in place) | {numpy_ms:.2f} |")
     goal = entry["ratios"][0]
     assert any(line.startswith(f"| {goal['goal']} | {goal['ratio']:.3f}") for line in md)
+    # a finished run plotted again, without timing
+    assert bench.main(["--plot", str(tmp_path / "latest.json"), str(tmp_path / "re.png")]) == 0
+    assert (tmp_path / "re.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_libraries_keeps_only_those_cases(bench, tmp_path):
+    """``--libraries`` (how the GPU script runs only the GPU cases) drops the others."""
+    args = ["--smoke", "--sets", "2000x256", "--dtypes", "float32", "--warmup", "0"]
+    args += ["--repeats", "1", "--no-plot", "--out", str(tmp_path), "--libraries", "numpy"]
+    assert bench.main(args) == 0
+    runs = json.loads((tmp_path / "latest.json").read_text())["results"][0]["runs"]
+    assert set(runs) == {"gradclip numpy (in place)", "plain numpy (dot + in place)"}
