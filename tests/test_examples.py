@@ -4,7 +4,10 @@ Each script runs in a fresh interpreter with fixed seeds, writes its JSON (and P
 into a temporary ``--out`` folder, and the JSON is checked:
 
 - exploding_rnn_{torch,jax}: without clipping the loss and gradient norm reach inf/NaN
-  within 100 steps, after growing by many orders of magnitude; with clipping the same
+  within 300 steps (100 for torch; JAX's run has taken from 34 to 200 steps on this
+  project's machines with the same pins: its float32 rounding, and so the step its
+  loss overflows, differs between installs), after growing by many orders of
+  magnitude; with clipping the same
   network on the same data ends clearly below the 0.167 of predicting the mean, every
   loss finite;
 - numpy_loop: the MLP learns (accuracy), some steps were clipped, and after every
@@ -63,7 +66,7 @@ def test_exploding_rnn(framework, tmp_path):
     free, clipped = result["runs"]["unclipped"], result["runs"]["clipped"]
 
     assert free["blew_up_at"] is not None, "the unclipped run did not blow up"
-    assert free["blew_up_at"] <= 100, free["blew_up_at"]
+    assert free["blew_up_at"] <= (100 if framework == "torch" else 300), free["blew_up_at"]
     assert free["losses"][-1] is None or not np.isfinite(free["losses"][-1])
     assert free["max_finite_norm"] > 1e6 * free["first_norm"], "the norm did not explode"
 

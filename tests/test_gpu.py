@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import ref_norm
+from conftest import make_backend, ref_norm
 
 import gradclip as gc
 from gradclip import _backends
@@ -23,21 +23,11 @@ F32 = 2.0**-23
 
 
 def _cupy():
-    cp = pytest.importorskip("cupy")
-    try:
-        ok = cp.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        ok = False
-    if not ok:
-        pytest.skip("cupy: no CUDA device on this machine")
-    return cp
+    return make_backend("cupy").mod  # (skips where no CUDA device is)
 
 
 def _torch_cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch: no CUDA device on this machine")
-    return torch
+    return make_backend("torch_cuda").mod
 
 
 def _host_trees(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
