@@ -24,7 +24,6 @@ and checked against the core on a GPU (``tests/test_gpu.py``).
 from __future__ import annotations
 
 import math
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,23 +107,21 @@ extern "C" __global__ void gradclip_terms_{name}(
 
 # The core's _combine of every block's (m, s), in one block: the largest m, then the
 # sum of (m_b / scale)^2 * s_b, then scale * sqrt(sum) (the inf-norm: the largest m).
-_FINISH_SRC = r"""
+_FINISH_SRC = (
+    _HEAD
+    + r"""
 extern "C" __global__ void gradclip_finish_{name}(
     const double* ms, const double* ss, int blocks, int inf_norm, {t}* out)
 {{
     __shared__ double red[{threads}];
     double big = 0;
     for (int i = threadIdx.x; i < blocks; i += blockDim.x) {{
-        const double m = ms[i];
-        big = (big != big || m <= big) ? big : m;
+        big = nan_max(big, ms[i]);
     }}
     red[threadIdx.x] = big;
     __syncthreads();
     for (int k = blockDim.x / 2; k > 0; k >>= 1) {{
-        if (threadIdx.x < k) {{
-            const double o = red[threadIdx.x + k], v = red[threadIdx.x];
-            red[threadIdx.x] = (v != v || o <= v) ? v : o;
-        }}
+        if (threadIdx.x < k) red[threadIdx.x] = nan_max(red[threadIdx.x], red[threadIdx.x + k]);
         __syncthreads();
     }}
     big = red[0];
@@ -148,6 +145,7 @@ extern "C" __global__ void gradclip_finish_{name}(
     }}
 }}
 """
+)
 
 _SCALE_SRC = (
     _HEAD
@@ -258,26 +256,11 @@ def table(p: Plan, ptrs: Sequence[int]) -> np.ndarray:
     )  # fmt: skip
 
 
-# (weak reference to the tree, {what: value}): the norm and the scaling of one call
-# both ask whether the tree qualifies and for its launches
-_last: tuple[Any, dict[str, Any]] = (lambda: None, {})
-
-
-def _cached(tree: _tree.Tree, what: str, find: Callable[[_tree.Tree], Any]) -> Any:
-    global _last
-    if _last[0]() is not tree:
-        _last = (weakref.ref(tree), {})
-    found = _last[1]
-    if what not in found:
-        found[what] = find(tree)
-    return found[what]
-
-
 def _launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
     """``(dtype, plan, table on the device)`` per dtype group with elements; the same
     pointers and sizes (a training loop's gradients) reuse the tables already on the
     device."""
-    return _cached(tree, "launches", _find_launches)
+    return _tree.memo(tree, "launches", _find_launches)
 
 
 def _find_launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
@@ -308,7 +291,7 @@ def _launch(kind: str, dt: str, pl: Plan, tab: Any, *args: Any) -> None:
 
 
 def _qualifies(tree: _tree.Tree) -> bool:
-    return _cached(tree, "qualifies", _find_qualifies)
+    return _tree.memo(tree, "qualifies", _find_qualifies)
 
 
 def _find_qualifies(tree: _tree.Tree) -> bool:

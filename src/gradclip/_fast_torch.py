@@ -47,7 +47,6 @@ import bisect
 import itertools
 import math
 import operator
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,27 +57,13 @@ from . import _clipping, _compat, _fast_numpy, _norms, _tree
 __all__ = ["global_norm_impl", "leaf_terms", "scale_impl"]
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-# (weak reference to the tree, {what: value}): the norm and the scaling of one call
-# both ask for the tree's kind and groups
-_last: tuple[Any, dict[str, Any]] = (lambda: None, {})
-
-
-def _cached(tree: _tree.Tree, what: str, find: Callable[[_tree.Tree], Any]) -> Any:
-    global _last
-    last_tree, found = _last
-    if last_tree() is not tree:
-        found = {}
-        _last = (weakref.ref(tree), found)
-    if what not in found:
-        found[what] = find(tree)
-    return found[what]
 
 
 def _kind(tree: _tree.Tree) -> str | None:
     """``"host"`` for plain eager CPU tensors, ``"device"`` for other eager tensors,
     ``None`` where the core must run (traced, autograd history, other dtypes,
     tensor subclasses such as DTensor)."""
-    return _cached(tree, "kind", _find_kind)
+    return _tree.memo(tree, "kind", _find_kind)
 
 
 _TYPES = {torch.Tensor, torch.nn.Parameter}
@@ -100,7 +85,7 @@ BLOCK = 1 << 10  # elements per row of a large tensor's blocked norm (torch sums
 def _dtypes(tree: _tree.Tree) -> frozenset[Any]:
     if tree.dtypes is not None:
         return tree.dtypes
-    return _cached(tree, "dtypes", lambda tree: frozenset(x.dtype for x in tree.leaves))
+    return _tree.memo(tree, "dtypes", lambda tree: frozenset(x.dtype for x in tree.leaves))
 
 
 def _find_kind(tree: _tree.Tree) -> str | None:
@@ -150,7 +135,7 @@ def _groups(
 
 
 def _tree_groups(tree: _tree.Tree) -> dict[tuple[Any, Any], Sequence[int]]:
-    return _cached(tree, "groups", lambda tree: _groups(tree.leaves, _one_cpu_dtype(tree)))
+    return _tree.memo(tree, "groups", lambda tree: _groups(tree.leaves, _one_cpu_dtype(tree)))
 
 
 def _one_cpu_dtype(tree: _tree.Tree) -> bool:
@@ -256,7 +241,7 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
 
 def _sizes(tree: _tree.Tree) -> list[int]:
     """The leaves' numbers of elements (asked by the norm and again by the scaling)."""
-    return _cached(tree, "sizes", lambda tree: list(map(torch.Tensor.numel, tree.leaves)))
+    return _tree.memo(tree, "sizes", lambda tree: list(map(torch.Tensor.numel, tree.leaves)))
 
 
 def _wide_size(tree: _tree.Tree) -> int:

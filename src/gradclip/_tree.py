@@ -14,13 +14,14 @@ import functools
 import itertools
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import _compat
 
-__all__ = ["Tree", "dtype_kind", "flatten"]
+__all__ = ["Tree", "dtype_kind", "flatten", "memo"]
 
 Rebuild = Callable[[Any], Any]
 
@@ -51,6 +52,23 @@ class Tree:
         shared by the checks of one call)."""
         torch = self.xp is not None and _compat.is_torch_namespace(self.xp)
         return torch and any(map(_compat._REQUIRES_GRAD, self.leaves))
+
+
+# (weak reference to the last tree asked about, {what: value}): a call's norm and its
+# scaling both ask a fast path for facts of the same tree (its kind, groups, tables)
+_last: tuple[Any, dict[str, Any]] = (lambda: None, {})
+
+
+def memo(tree: Tree, what: str, find: Callable[[Tree], Any]) -> Any:
+    """``find(tree)``, computed once per tree and ``what`` (for the last tree only)."""
+    global _last
+    last_tree, found = _last
+    if last_tree() is not tree:
+        found = {}
+        _last = (weakref.ref(tree), found)
+    if what not in found:
+        found[what] = find(tree)
+    return found[what]
 
 
 def _size(x: Any) -> int:
