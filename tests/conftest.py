@@ -151,6 +151,22 @@ def writable_backend(request: pytest.FixtureRequest) -> Backend:
     return make_backend(request.param)
 
 
+def cuda_graph(step: Any) -> tuple[Any, Any]:
+    """``(graph, result)``: ``step()`` captured in a torch CUDA graph, after the
+    warm-up call on a side stream that capture needs (torch's documented recipe)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
+
+
 def ref_norm(arrays: list[np.ndarray], p: float) -> float:
     """The float64 (long double where it helps) p-norm of all elements as one vector."""
     flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays] or [[]])

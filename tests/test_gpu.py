@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_backend, ref_norm
+from conftest import cuda_graph, make_backend, ref_norm
 
 import gradclip as gc
 from gradclip import _backends
@@ -171,14 +171,7 @@ def test_torch_cuda_multiply_is_torchs_own():
 def test_torch_cuda_graph_replays_the_fast_path():
     torch = _torch_cuda()
     grads = [torch.zeros(100_000, device="cuda"), torch.zeros(300, device="cuda").bfloat16()]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        gc.clip_by_global_norm_(grads, 1.0)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        norm = gc.clip_by_global_norm_(grads, 1.0)
+    graph, norm = cuda_graph(lambda: gc.clip_by_global_norm_(grads, 1.0))
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
         host = [torch.randn(x.shape, generator=gen).to(x.dtype) * (seed + 1) for x in grads]

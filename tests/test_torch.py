@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
-from conftest import LIBRARY_CLIPPERS, make_backend, ref_norm
+from conftest import LIBRARY_CLIPPERS, cuda_graph, make_backend, ref_norm
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn.utils
@@ -430,14 +430,7 @@ def test_cuda_graph_capture_and_replay():
     grads = [torch.zeros(1000, device="cuda"), torch.zeros(10, 10, device="cuda")]
     params = _with_grads(*grads)
     static = [p.grad for p in params]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up outside the capture, as CUDA graphs need
-        gct.clip_grad_norm_(params, 1.0)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        norm = gct.clip_grad_norm_(params, 1.0)
+    graph, norm = cuda_graph(lambda: gct.clip_grad_norm_(params, 1.0))
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
         new = [torch.randn(g.shape, generator=gen) * 0.1 * (seed + 1) for g in static]
