@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _clipping, _tree
+from . import _clipping, _native, _tree
 
 __all__ = ["global_norm_impl", "norm_of_arrays", "scale_arrays", "scale_impl"]
 
@@ -173,12 +173,23 @@ def _run(
     item_size: Callable[[Any], int] = operator.attrgetter("size"),
 ) -> list[Any]:
     """``work`` over the chunks of ``items``: on one thread for small inputs, else on
-    a few threads that take the units of :func:`_units` one by one."""
+    a few threads that take the units of :func:`_units` one by one, the calling
+    thread one of them (one fewer thread to wake: a sleeping thread can take a while
+    to wake on a virtual machine whose core was left idle)."""
     n = _threads_for(size) if threads is None else threads
     if n == 1:
         return [work(itertools.chain.from_iterable(map(split, items)))]
     units = iter(_units(items, split, item_size))
-    return list(_executor().map(lambda _: work(_taken(units, items, split)), range(n)))
+
+    def task() -> Any:
+        return work(_taken(units, items, split))
+
+    others = [_executor().submit(task) for _ in range(n - 1)]
+    try:
+        mine = task()
+    finally:
+        results = [f.result() for f in others]
+    return [mine, *results]
 
 
 def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
@@ -209,13 +220,33 @@ BUFFERED_PARALLEL_MIN = 1 << 17
 # -- the norm -------------------------------------------------------------------------
 
 
+def _native_chunk(c: np.ndarray) -> bool:
+    """True for a chunk the C kernel sums (:mod:`gradclip._native`): bfloat16, 1-D,
+    contiguous and not tiny (smaller ones are packed into the buffer)."""
+    return (
+        c.size >= NATIVE_MIN
+        and c.dtype == _native.BF16
+        and c.ndim == 1
+        and c.flags.c_contiguous
+        and _native.lib is not None
+    )
+
+
+NATIVE_MIN = 0  # elements of a bfloat16 chunk summed by the C kernel, at least
+
+
 def _packed(
-    ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int, reduce: Callable[[np.ndarray], Any]
+    ts: Iterable[np.ndarray],
+    acc: np.dtype,
+    nbuf: int,
+    reduce: Callable[[np.ndarray], Any],
+    exact: Callable[[float], Any],
 ) -> Iterator[Any]:
     """``reduce`` of every chunk BLAS can take as it is (1-D, of dtype ``acc``), and of
     the others widened into a buffer of ``nbuf`` elements: packed (one concatenation
     per run of 1-D pieces), reduced when full. Nothing is lost: the buffer holds each
-    element once, converted exactly."""
+    element once, converted exactly. Large bfloat16 chunks are summed by the C kernel
+    when it is built, whose exact sum ``exact`` puts in ``reduce``'s form."""
     buf = np.empty(0, dtype=acc)
     batch: list[np.ndarray] = []  # 1-D pieces to be written at buf[fill:used]
     fill = used = 0
@@ -238,6 +269,9 @@ def _packed(
         one_d = c.ndim == 1
         if one_d and c.dtype == acc:  # BLAS takes it as it is
             yield reduce(c)
+            continue
+        if _native_chunk(c):
+            yield exact(_native.sumsq_bf16(c))
             continue
         if not buf.size:
             buf = np.empty(nbuf, dtype=acc)
@@ -311,7 +345,7 @@ _rowdots = getattr(np, "vecdot", _einsum_rowdots)
 
 def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
     """The sum of the chunks' sums of squares, in float64 (one read of the memory)."""
-    return sum(_packed(ts, acc, nbuf, _dot), 0.0)
+    return sum(_packed(ts, acc, nbuf, _dot, float), 0.0)
 
 
 def _sumsq(c: np.ndarray) -> tuple[float, float]:
@@ -330,7 +364,7 @@ def _sumsq(c: np.ndarray) -> tuple[float, float]:
 
 def _exact_terms(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> list[tuple[float, float]]:
     """``(d, s)`` per chunk or buffer, exact (:func:`_sumsq`)."""
-    return list(_packed(ts, acc, nbuf, _sumsq))
+    return list(_packed(ts, acc, nbuf, _sumsq, lambda s: (1.0, s)))
 
 
 def _combine2(pairs: list[tuple[float, float]]) -> float:
@@ -391,7 +425,10 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
     acc = np.dtype(acc)
     n_threads = _threads_for(size)
     nbuf = _buffer_size(size, acc.itemsize)
-    if nbuf < BUFFERED_PARALLEL_MIN and any(dt != acc for dt in {x.dtype for x in arrays}):
+    widened = {x.dtype for x in arrays} - {acc}
+    if _native.lib is not None:  # the C kernel widens bfloat16 without the GIL
+        widened.discard(_native.BF16)
+    if nbuf < BUFFERED_PARALLEL_MIN and widened:
         n_threads, nbuf = 1, _buffer_size(size, acc.itemsize, 1)
     with np.errstate(over="ignore", invalid="ignore"):
         return sum(_run(arrays, lambda ts: _plain_sum(ts, acc, nbuf), size, threads=n_threads))
@@ -434,12 +471,21 @@ def _scale_work(ts: Iterable[tuple[np.ndarray, np.ndarray]], factors: dict) -> N
     dtype (float32 for 16-bit leaves), rounded once to ``b``'s, with ufunc buffers of
     ``UFUNC_BUFFER`` elements (the setting is the thread's: restored for the caller)."""
     multiply = np.multiply
+    native = _native.lib is not None
     old = np.setbufsize(UFUNC_BUFFER)
     try:
         for a, b in ts:
-            multiply(a, factors[b.dtype], out=b, casting="unsafe")
+            s = factors[b.dtype]
+            if native and b.dtype == _native.BF16 and _contiguous_1d(a, b):
+                _native.scale_bf16(a, b, float(s))
+            else:
+                multiply(a, s, out=b, casting="unsafe")
     finally:
         np.setbufsize(old)
+
+
+def _contiguous_1d(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.ndim == 1 and a.flags.c_contiguous and b.flags.c_contiguous and a.dtype == b.dtype
 
 
 def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any] = ()) -> None:

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from . import _clipping, _compat, _fast_numpy, _norms, _tree
+from . import _clipping, _compat, _fast_numpy, _native, _norms, _tree
 
 __all__ = ["global_norm_impl", "leaf_terms", "scale_impl"]
 
@@ -217,17 +217,21 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
     size = sum(sizes)
     nbuf = min(CAT_MAX, max(1024, int(size * CAT_SHARE)))
     big, rows, small, big_size = [], [], [], 0
+    native = _native.lib is not None
     small_sizes = None
     if min(sizes) > 0 and max(sizes) * 4 <= nbuf:  # all small (many small tensors)
         small, small_sizes = tree.leaves, sizes
     else:
         for x, n in zip(tree.leaves, sizes):
-            if n * 4 <= nbuf:
+            if native and x.dtype == torch.bfloat16:  # the C kernel: NumPy's blocked sum
+                big.append(_numpy_view(x))
+                big_size += n
+            elif n * 4 <= nbuf:
                 if n:
                     small.append(x)
             elif x.is_contiguous():
                 rows.append(x)
-            else:
+            else:  # strided: NumPy's blocked sum over a view
                 big.append(_numpy_view(x))
                 big_size += n
     total = _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
@@ -259,7 +263,8 @@ def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, size: int)
     instead (widen, multiply, round back: the same result, bit for bit, at 0.29 ns an
     element where torch's kernel takes 0.45 on memory out of the cache); the others,
     and all of them below that size, with ``torch._foreach_mul_``."""
-    if size * 2 < WIDE_MIN_BYTES:  # likely in the cache (and no walk over the tensors)
+    native = _native.lib is not None and xs[0].dtype == torch.bfloat16
+    if size * 2 < WIDE_MIN_BYTES and not native:  # likely in the cache (and no walk)
         torch._foreach_mul_(xs, s)
         return
     large: list[torch.Tensor] = []
@@ -269,6 +274,10 @@ def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, size: int)
     if small:
         torch._foreach_mul_(small, s)
     if not large:
+        return
+    if native:  # the C kernel on NumPy's threads, over views of the tensors
+        views = [_numpy_view(x) for x in large]
+        _fast_numpy.scale_arrays(views, {views[0].dtype: s.numpy()})
         return
     buf = torch.empty(nbuf, dtype=torch.float32)
     for x in large:
