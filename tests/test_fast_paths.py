@@ -455,7 +455,7 @@ def test_torch_cpu_widened_multiply_is_torchs_own_bit_for_bit(dt, widen, monkeyp
     xs.append(torch.randn(300, 200, generator=g).to(dtype).t())  # strided
     s = torch.tensor(0.7071067, dtype=torch.float32)
     want = [x.clone().mul_(s) for x in xs]
-    _fast_torch._widened_mul_(xs, s, 4096, sum(x.numel() for x in xs))
+    _fast_torch._widened_mul_(xs, s, 4096, [x.numel() for x in xs])
     for x, w in zip(xs, want):
         assert torch.equal(x, w)
 

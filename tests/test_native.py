@@ -101,6 +101,25 @@ def test_kernels_reject_what_they_cannot_read():
         _native.lib.scale_bf16(x.view(np.uint16), bytes(16), 0.5)  # read-only output
 
 
+def test_tables_cover_each_address_once():
+    """The table variants (torch tensors' addresses): the same sums and products as
+    the kernels over each array, unaligned addresses and counts of every size."""
+    from array import array
+
+    rng = np.random.default_rng(5)
+    xs = [_bf16(rng.standard_normal(n + 1))[1:] for n in (0, 1, 17, 1024, 3000, 70_001)]
+    ptrs = array("q", [x.ctypes.data for x in xs])
+    counts = array("q", [x.size for x in xs])
+    got = _native.lib.sumsq_bf16_table(ptrs, counts)
+    assert got == pytest.approx(sum(_exact_sumsq(x) for x in xs), rel=1e-6)
+    want = [(x.astype(np.float32) * np.float32(0.3)).astype(BF16) for x in xs]
+    _native.lib.scale_bf16_table(ptrs, counts, float(np.float32(0.3)))
+    for x, w in zip(xs, want):
+        assert np.array_equal(x.view(np.uint16), w.view(np.uint16))
+    with pytest.raises(TypeError, match="int64"):
+        _native.lib.sumsq_bf16_table(ptrs, array("i", [1]))
+
+
 # -- the fast paths, with the kernels and without, against the core ---------------------
 
 
@@ -125,9 +144,13 @@ def _tree(backend, rng, scale=1.0):
     return leaves
 
 
+@pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
-def test_norm_matches_core_and_float64(bf16_backend, scale):
-    leaves = _tree(bf16_backend, np.random.default_rng(0), scale)
+def test_norm_matches_core_and_float64(bf16_backend, scale, many):
+    rng = np.random.default_rng(0)
+    leaves = _tree(bf16_backend, rng, scale)
+    if many:  # thousands of small leaves (2000 x 256)
+        leaves = [bf16_backend.asarray(r * scale, "bfloat16") for r in rng.random((3000, 37))]
     fast = float(bf16_backend.to_numpy(gc.global_norm(leaves)))
     with _backends.fast_paths(False):
         core = float(bf16_backend.to_numpy(gc.global_norm(leaves)))
@@ -148,12 +171,16 @@ def test_inf_and_nan_propagate(bf16_backend):
         assert (math.isnan(got) and math.isnan(want)) or got == want
 
 
+@pytest.mark.parametrize("many", [False, True])
 @pytest.mark.parametrize("inplace", [True, False])
-def test_clip_rounds_once_as_the_core(bf16_backend, inplace):
+def test_clip_rounds_once_as_the_core(bf16_backend, inplace, many):
     """Each leaf becomes ``bfloat16(float32(x) * s)`` exactly, ``s`` the float32
     ``max_norm / norm`` of the returned norm (the core's scaling); the clipped
     leaves equal the core's to an ulp (the two norms may differ by a few ulps)."""
-    leaves = _tree(bf16_backend, np.random.default_rng(2))
+    rng = np.random.default_rng(2)
+    leaves = _tree(bf16_backend, rng)
+    if many:
+        leaves += [bf16_backend.asarray(r, "bfloat16") for r in rng.standard_normal((3000, 37))]
     before = [bf16_backend.to_numpy(x).astype(BF16) for x in leaves]  # (exact)
     if inplace:
         norm = gc.clip_by_global_norm_(leaves, 3.0)

@@ -47,6 +47,7 @@ import bisect
 import itertools
 import math
 import operator
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -214,19 +215,22 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
         value = _fast_numpy.norm_of_arrays([_numpy_view(x) for x in tree.leaves], p)
         return torch.tensor(value, dtype=acc)
     sizes = _sizes(tree)
-    size = sum(sizes)
-    nbuf = min(CAT_MAX, max(1024, int(size * CAT_SHARE)))
+    nbuf = min(CAT_MAX, max(1024, int(sum(sizes) * CAT_SHARE)))
+    leaves, total = tree.leaves, 0.0
+    if _native.lib is not None and torch.bfloat16 in _dtypes(tree):  # the C kernel
+        batches, done = _tree_bf16_table(tree)
+        total = sum(_on_threads(batches, _native.lib.sumsq_bf16_table))
+        if done:
+            skip = set(done)
+            leaves = [x for i, x in enumerate(leaves) if i not in skip]
+            sizes = [n for i, n in enumerate(sizes) if i not in skip]
     big, rows, small, big_size = [], [], [], 0
-    native = _native.lib is not None
     small_sizes = None
-    if min(sizes) > 0 and max(sizes) * 4 <= nbuf:  # all small (many small tensors)
-        small, small_sizes = tree.leaves, sizes
+    if leaves and min(sizes) > 0 and max(sizes) * 4 <= nbuf:  # all small (many small)
+        small, small_sizes = leaves, sizes
     else:
-        for x, n in zip(tree.leaves, sizes):
-            if native and x.dtype == torch.bfloat16:  # the C kernel: NumPy's blocked sum
-                big.append(_numpy_view(x))
-                big_size += n
-            elif n * 4 <= nbuf:
+        for x, n in zip(leaves, sizes):
+            if n * 4 <= nbuf:
                 if n:
                     small.append(x)
             elif x.is_contiguous():
@@ -234,7 +238,7 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
             else:  # strided: NumPy's blocked sum over a view
                 big.append(_numpy_view(x))
                 big_size += n
-    total = _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
+    total += _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
     total += _blocked_sum(rows, acc, _wide_size(tree))
     total += _concatenated_sum(small, acc, nbuf, _one_cpu_dtype(tree), small_sizes)
     if not _fast_numpy.is_safe(total, np_acc):  # every tensor again, exactly
@@ -255,37 +259,84 @@ def _wide_size(tree: _tree.Tree) -> int:
     return min(WIDE_MAX, max(BLOCK << 4, int(size * CAT_SHARE) // 2 // BLOCK * BLOCK))
 
 
-def _widened_mul_(xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, size: int) -> None:
-    """``x *= s`` for 16-bit CPU tensors, ``s`` a float32 0-d tensor (torch's 16-bit
-    kernel widens each element, multiplies by ``s`` in float32 and rounds once).
-    When ``xs`` (``size`` elements) hold ``WIDE_MIN_BYTES`` or more, the large
-    contiguous ones go piece by piece through a float32 buffer of ``nbuf`` elements
-    instead (widen, multiply, round back: the same result, bit for bit, at 0.29 ns an
-    element where torch's kernel takes 0.45 on memory out of the cache); the others,
-    and all of them below that size, with ``torch._foreach_mul_``."""
-    native = _native.lib is not None and xs[0].dtype == torch.bfloat16
-    if size * 2 < WIDE_MIN_BYTES and not native:  # likely in the cache (and no walk)
-        torch._foreach_mul_(xs, s)
-        return
-    large: list[torch.Tensor] = []
-    small: list[torch.Tensor] = []
-    for x in xs:
-        (large if x.numel() >= nbuf // 4 and x.is_contiguous() else small).append(x)
-    if small:
-        torch._foreach_mul_(small, s)
-    if not large:
-        return
-    if native:  # the C kernel on NumPy's threads, over views of the tensors
-        views = [_numpy_view(x) for x in large]
-        _fast_numpy.scale_arrays(views, {views[0].dtype: s.numpy()})
-        return
-    buf = torch.empty(nbuf, dtype=torch.float32)
-    for x in large:
-        for piece in torch.split(x.view(-1), nbuf):
-            b = buf[: piece.numel()]
-            b.copy_(piece)
-            b.mul_(s)
-            piece.copy_(b)
+def _widened_mul_(
+    xs: list[torch.Tensor],
+    s: torch.Tensor,
+    nbuf: int,
+    sizes: Sequence[int],
+    table: tuple[list[Any], list[int]] | None = None,
+) -> None:
+    """``x *= s`` for 16-bit CPU tensors (``sizes``: their numbers of elements), ``s``
+    a float32 0-d tensor (torch's 16-bit kernel widens each element, multiplies by
+    ``s`` in float32 and rounds once). Contiguous bfloat16 tensors go to the C kernel
+    when it is built (``table``: theirs from :func:`_bf16_table`, when known). Else,
+    when ``xs`` hold ``WIDE_MIN_BYTES`` or more, the large contiguous ones go piece by
+    piece through a float32 buffer of ``nbuf`` elements (widen, multiply, round back:
+    the same result, bit for bit, at 0.29 ns an element where torch's kernel takes
+    0.45 on memory out of the cache). The others, and all of them below that size,
+    with ``torch._foreach_mul_``."""
+    if _native.lib is not None and xs[0].dtype == torch.bfloat16:
+        batches, large = table if table is not None else _bf16_table(xs, sizes)
+        _on_threads(batches, _native.lib.scale_bf16_table, float(s))
+    else:
+        large = [i for i, n in enumerate(sizes) if n >= nbuf // 4 and xs[i].is_contiguous()]
+        if sum(sizes) * 2 < WIDE_MIN_BYTES:  # likely in the cache
+            large = []
+        buf = torch.empty(nbuf if large else 0, dtype=torch.float32)
+        for i in large:
+            for piece in torch.split(xs[i].view(-1), nbuf):
+                b = buf[: piece.numel()]
+                b.copy_(piece)
+                b.mul_(s)
+                piece.copy_(b)
+    if len(large) < len(xs):
+        done = set(large)
+        torch._foreach_mul_([x for i, x in enumerate(xs) if i not in done] if done else xs, s)
+
+
+def _bf16_table(
+    xs: Sequence[torch.Tensor], sizes: Sequence[int]
+) -> tuple[list[tuple[Any, Any, int]], list[int]]:
+    """The contiguous bfloat16 tensors of ``xs`` as tables for the C kernels: batches
+    of ``(addresses, counts, elements)`` (int64 arrays) of about ``CHUNK`` elements
+    (larger tensors cut into chunks of ``CHUNK``), and the indices of the tensors they
+    cover. Thousands of tensors cost a ``data_ptr()`` each, not a call each."""
+    chunk = _fast_numpy.CHUNK
+    batches: list[tuple[Any, Any, int]] = []
+    covered: list[int] = []
+    ptrs, counts, n = array("q"), array("q"), 0
+    for i, (x, size) in enumerate(zip(xs, sizes)):
+        if x.dtype != torch.bfloat16 or not size or not x.is_contiguous():
+            continue
+        covered.append(i)
+        address = x.data_ptr()
+        for start in range(0, size, chunk):
+            k = min(chunk, size - start)
+            ptrs.append(address + 2 * start)
+            counts.append(k)
+            n += k
+            if n >= chunk:
+                batches.append((ptrs, counts, n))
+                ptrs, counts, n = array("q"), array("q"), 0
+    if n:
+        batches.append((ptrs, counts, n))
+    return batches, covered
+
+
+def _tree_bf16_table(tree: _tree.Tree) -> tuple[list[tuple[Any, Any, int]], list[int]]:
+    return _tree.memo(tree, "bf16 table", lambda tree: _bf16_table(tree.leaves, _sizes(tree)))
+
+
+def _on_threads(batches: list[tuple[Any, Any, int]], kernel: Callable, *args: Any) -> list[Any]:
+    """``kernel(addresses, counts, *args)`` of every batch, on NumPy's threads."""
+    parts = _fast_numpy._run(
+        batches,
+        lambda bs: [kernel(p, c, *args) for p, c, _ in bs],
+        sum(b[2] for b in batches),
+        split=lambda b: (b,),
+        item_size=operator.itemgetter(2),
+    )
+    return [r for part in parts for r in part]
 
 
 def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
@@ -421,8 +472,10 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
                 s = s.to(dtype)
             if inplace and host and s.dtype != dtype:
                 sizes = _sizes(tree)
-                size = sum(sizes) if len(groups) == 1 else sum(sizes[i] for i in idx)
-                _widened_mul_(xs, s, _wide_size(tree), size)
+                if len(groups) == 1:
+                    _widened_mul_(xs, s, _wide_size(tree), sizes, _tree_bf16_table(tree))
+                else:
+                    _widened_mul_(xs, s, _wide_size(tree), [sizes[i] for i in idx])
             elif inplace:
                 torch._foreach_mul_(xs, s)
             else:

@@ -17,8 +17,10 @@
  *                        (ml_dtypes) and torch's CPU kernel give.
  *
  * x and y are C-contiguous buffers of 2-byte items holding bfloat16 bits (a uint16
- * view: ml_dtypes' arrays export no buffer of their own); the GIL is released while
- * they run, so the NumPy path's threads run them side by side.
+ * view: ml_dtypes' arrays export no buffer of their own). The _table variants take a
+ * table of addresses and counts instead (torch tensors' data_ptr(): thousands of
+ * tensors in one call, no view of each). The GIL is released while they run, so the
+ * NumPy path's threads run them side by side.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -196,11 +198,69 @@ static PyObject *py_scale_bf16(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* A table of (address, count) pairs: two int64 buffers of one length. */
+static int get_table(PyObject *const *args, Py_buffer *ptrs, Py_buffer *counts) {
+    if (PyObject_GetBuffer(args[0], ptrs, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (PyObject_GetBuffer(args[1], counts, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(ptrs);
+        return -1;
+    }
+    if (ptrs->itemsize != 8 || counts->itemsize != 8 || ptrs->len != counts->len) {
+        PyErr_SetString(PyExc_TypeError, "expected two int64 buffers of one length");
+        PyBuffer_Release(ptrs);
+        PyBuffer_Release(counts);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_sumsq_bf16_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer ptrs, counts;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "sumsq_bf16_table(ptrs, counts) takes 2 arguments");
+        return NULL;
+    }
+    if (get_table(args, &ptrs, &counts) < 0) return NULL;
+    const int64_t *p = (const int64_t *)ptrs.buf, *c = (const int64_t *)counts.buf;
+    Py_ssize_t n = ptrs.len / 8;
+    double total = 0.0;
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) total +=
+        sumsq_bf16((const uint16_t *)(intptr_t)p[i], c[i]);
+    Py_END_ALLOW_THREADS PyBuffer_Release(&ptrs);
+    PyBuffer_Release(&counts);
+    return PyFloat_FromDouble(total);
+}
+
+static PyObject *py_scale_bf16_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer ptrs, counts;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "scale_bf16_table(ptrs, counts, s) takes 3 arguments");
+        return NULL;
+    }
+    double s = PyFloat_AsDouble(args[2]);
+    if (s == -1.0 && PyErr_Occurred()) return NULL;
+    if (get_table(args, &ptrs, &counts) < 0) return NULL;
+    const int64_t *p = (const int64_t *)ptrs.buf, *c = (const int64_t *)counts.buf;
+    Py_ssize_t n = ptrs.len / 8;
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) {
+        uint16_t *x = (uint16_t *)(intptr_t)p[i];
+        scale_bf16(x, x, c[i], (float)s);
+    }
+    Py_END_ALLOW_THREADS PyBuffer_Release(&ptrs);
+    PyBuffer_Release(&counts);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef kernels_methods[] = {
     {"sumsq_bf16", (PyCFunction)py_sumsq_bf16, METH_O,
      "sumsq_bf16(x) -> float: the sum of squares of bfloat16 bits x."},
     {"scale_bf16", (PyCFunction)(void (*)(void))py_scale_bf16, METH_FASTCALL,
      "scale_bf16(x, y, s): y = bfloat16(float32(x) * s), rounded to nearest even."},
+    {"sumsq_bf16_table", (PyCFunction)(void (*)(void))py_sumsq_bf16_table, METH_FASTCALL,
+     "sumsq_bf16_table(ptrs, counts) -> float: the sum of squares of bfloat16 memory at "
+     "each address (int64 buffers), count elements each."},
+    {"scale_bf16_table", (PyCFunction)(void (*)(void))py_scale_bf16_table, METH_FASTCALL,
+     "scale_bf16_table(ptrs, counts, s): scale_bf16 in place at each address."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef kernels_module = {

@@ -59,13 +59,20 @@ class Tree:
 _last: tuple[Any, dict[str, Any]] = (lambda: None, {})
 
 
+def _forget(ref: Any) -> None:
+    global _last
+    if _last[0] is ref:  # what was found goes with the tree (views hold memory)
+        _last = (lambda: None, {})
+
+
 def memo(tree: Tree, what: str, find: Callable[[Tree], Any]) -> Any:
-    """``find(tree)``, computed once per tree and ``what`` (for the last tree only)."""
+    """``find(tree)``, computed once per tree and ``what`` (for the last tree only,
+    dropped when it goes)."""
     global _last
     last_tree, found = _last
     if last_tree() is not tree:
         found = {}
-        _last = (weakref.ref(tree), found)
+        _last = (weakref.ref(tree, _forget), found)
     if what not in found:
         found[what] = find(tree)
     return found[what]
