@@ -332,6 +332,7 @@ def measure(
     repeats: int,
     reset: Callable[[], None] | None = None,
     warm_s: float = WARM_S,
+    memory: bool = True,
 ) -> dict[str, Any]:
     """Median time of ``repeats`` calls after ``warmup`` calls and ``warm_s`` seconds of
     them (``reset`` after each warm-up call: the in-place cases' gradients scaled back,
@@ -355,7 +356,9 @@ def measure(
             k += 1
     finally:
         _gc.enable()
-    if library == "numpy":
+    if not memory:
+        mem, how = None, None
+    elif library == "numpy":
         mem, how = _tracemalloc_peak(lambda: call(k)), "tracemalloc"
     elif library == "cuda":
         mem, how = _cuda_peak(lambda: call(k)), "cuda-peak"
@@ -528,11 +531,16 @@ def run(
     smoke: bool = False,
     log: Callable[[str], None] = print,
     libraries: set[str] | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
+    """Every case of every set and dtype; ``rounds`` > 1 measures each case in turn
+    that many times (``repeats`` timed calls each round, the median of all of them),
+    so that a slow spell of a shared machine falls on every case alike."""
     result: dict[str, Any] = {
         "machine": machine(),
         "warmup": warmup,
         "repeats": repeats,
+        "rounds": rounds,
         "smoke": smoke,
         "results": [],
     }
@@ -551,11 +559,16 @@ def run(
             for _, call in calls.values():  # one untimed round first: the one-time costs
                 _wait(call(0))  # of each library's runtime (compilation, thread and
                 half.restore()  # memory pools) fall on no case
-            for name, (library, call) in calls.items():
-                warm_s = 0.0 if smoke else WARM_S
-                runs[name] = measure(call, library, warmup, repeats, half.restore, warm_s)
-                runs[name]["library"] = library
-                half.restore()
+            warm_s = 0.0 if smoke else WARM_S
+            for r in range(rounds):
+                for name, (library, call) in calls.items():
+                    m = measure(call, library, warmup, repeats, half.restore, warm_s, r == 0)
+                    half.restore()
+                    if r == 0:
+                        runs[name] = {**m, "library": library}
+                    else:
+                        runs[name]["times_ms"] += m["times_ms"]
+                        runs[name]["median_ms"] = statistics.median(runs[name]["times_ms"])
             entry = {
                 "set": set_name,
                 "dtype": dtype,
@@ -671,7 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default=",".join(shape_sets.SETS))
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per case and round")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="each case measured in turn, this many times"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, for the test suite")
     ap.add_argument(
         "--libraries",
@@ -701,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats,
         smoke=args.smoke,
         libraries=set(args.libraries.split(",")) if args.libraries else None,
+        rounds=args.rounds,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several test processes share the GPU
+# the optional C kernels, in place (what `pip install -e .` builds; tests/test_native.py)
+python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "C kernels not built"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 - <<'EOF'
 import cupy, jax, numpy, torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
                 "0",
                 "--repeats",
                 "1",
+                "--rounds",
+                "2",
                 "--out",
                 str(tmp_path),
             ]
@@ -79,8 +82,10 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
             "optax clip_by_global_norm (eager)",
         }
     assert expected <= set(runs)
-    for r in runs.values():
-        assert r["median_ms"] > 0 and len(r["times_ms"]) == 1
+    for r in runs.values():  # a call per round, pooled
+        assert r["median_ms"] > 0 and len(r["times_ms"]) == 2
+        assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]))
+        assert r["extra_bytes"] is None or r["extra_bytes"] >= 0
     for g in entry["ratios"]:
         num, den = next((n, d) for label, n, d, _ in bench.GOALS if label == g["goal"])
         if den != "bytes":
@@ -101,7 +106,8 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
 def test_libraries_keeps_only_those_cases(bench, tmp_path):
     """``--libraries`` (how the GPU script runs only the GPU cases) drops the others."""
     args = ["--smoke", "--sets", "2000x256", "--dtypes", "float32", "--warmup", "0"]
-    args += ["--repeats", "1", "--no-plot", "--out", str(tmp_path), "--libraries", "numpy"]
+    args += ["--repeats", "1", "--rounds", "1", "--no-plot", "--out", str(tmp_path)]
+    args += ["--libraries", "numpy"]
     assert bench.main(args) == 0
     runs = json.loads((tmp_path / "latest.json").read_text())["results"][0]["runs"]
     assert set(runs) == {"gradclip numpy (in place)", "plain numpy (dot + in place)"}

@@ -23,7 +23,9 @@ widens each piece and dots it (by rows); the scaling widens, multiplies in float
 and rounds back once (as the core). The buffers are the only arrays allocated:
 together at most ``BUFFER_SHARE`` of the gradients' bytes (half that for small
 inputs), and at most ``BUFFER_MAX`` elements each, so a piece stays in the L2 cache
-between its widening and its dot.
+between its widening and its dot. Where the C kernels are built
+(:mod:`gradclip._native`), contiguous bfloat16 chunks skip the buffer: one kernel call
+each sums their squares (exactly, see there) or scales them, without the GIL.
 """
 
 from __future__ import annotations
