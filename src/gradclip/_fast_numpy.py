@@ -24,8 +24,9 @@ and rounds back once (as the core). The buffers are the only arrays allocated:
 together at most ``BUFFER_SHARE`` of the gradients' bytes (half that for small
 inputs), and at most ``BUFFER_MAX`` elements each, so a piece stays in the L2 cache
 between its widening and its dot. Where the C kernels are built
-(:mod:`gradclip._native`), contiguous bfloat16 chunks skip the buffer: one kernel call
-each sums their squares (exactly, see there) or scales them, without the GIL.
+(:mod:`gradclip._native`), contiguous bfloat16 and float32 chunks take neither BLAS nor
+the buffer: one kernel call each sums their squares (exactly, see there) or scales
+them, without the GIL.
 """
 
 from __future__ import annotations
@@ -223,18 +224,14 @@ BUFFERED_PARALLEL_MIN = 1 << 17
 
 
 def _native_chunk(c: np.ndarray) -> bool:
-    """True for a chunk the C kernel sums (:mod:`gradclip._native`): bfloat16, 1-D,
-    contiguous and not tiny (smaller ones are packed into the buffer)."""
+    """True for a chunk the C kernel sums (:mod:`gradclip._native`, when built):
+    bfloat16 or float32, 1-D and contiguous."""
     return (
-        c.size >= NATIVE_MIN
-        and c.dtype == _native.BF16
+        c.dtype in _native.DTYPES
         and c.ndim == 1
         and c.flags.c_contiguous
         and _native.lib is not None
     )
-
-
-NATIVE_MIN = 0  # elements of a bfloat16 chunk summed by the C kernel, at least
 
 
 def _packed(
@@ -247,9 +244,11 @@ def _packed(
     """``reduce`` of every chunk BLAS can take as it is (1-D, of dtype ``acc``), and of
     the others widened into a buffer of ``nbuf`` elements: packed (one concatenation
     per run of 1-D pieces), reduced when full. Nothing is lost: the buffer holds each
-    element once, converted exactly. Large bfloat16 chunks are summed by the C kernel
-    when it is built, whose exact sum ``exact`` puts in ``reduce``'s form."""
+    element once, converted exactly. In a float32 accumulation, contiguous bfloat16
+    and float32 chunks are summed by the C kernel when it is built, whose exact sum
+    ``exact`` puts in ``reduce``'s form."""
     buf = np.empty(0, dtype=acc)
+    native = acc == np.float32  # (its float32 lanes: not for float64 accuracy)
     batch: list[np.ndarray] = []  # 1-D pieces to be written at buf[fill:used]
     fill = used = 0
 
@@ -269,11 +268,11 @@ def _packed(
 
     for c in ts:
         one_d = c.ndim == 1
+        if native and _native_chunk(c):
+            yield exact(_native.sumsq(c))
+            continue
         if one_d and c.dtype == acc:  # BLAS takes it as it is
             yield reduce(c)
-            continue
-        if _native_chunk(c):
-            yield exact(_native.sumsq_bf16(c))
             continue
         if not buf.size:
             buf = np.empty(nbuf, dtype=acc)
@@ -428,7 +427,7 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
     n_threads = _threads_for(size)
     nbuf = _buffer_size(size, acc.itemsize)
     widened = {x.dtype for x in arrays} - {acc}
-    if _native.lib is not None:  # the C kernel widens bfloat16 without the GIL
+    if _native.lib is not None and acc == np.float32:  # the C kernel: without the GIL
         widened.discard(_native.BF16)
     if nbuf < BUFFERED_PARALLEL_MIN and widened:
         n_threads, nbuf = 1, _buffer_size(size, acc.itemsize, 1)
@@ -473,15 +472,22 @@ def _scale_work(ts: Iterable[tuple[np.ndarray, np.ndarray]], factors: dict) -> N
     dtype (float32 for 16-bit leaves), rounded once to ``b``'s, with ufunc buffers of
     ``UFUNC_BUFFER`` elements (the setting is the thread's: restored for the caller)."""
     multiply = np.multiply
-    native = _native.lib is not None
+    # the C kernel multiplies in float32: for float32 factors (of 16-bit and float32
+    # leaves), where NumPy's product is the same float32 product rounded once
+    native = {
+        dt: float(s) if s.dtype == np.float32 and dt in _native.DTYPES else None
+        for dt, s in factors.items()
+    }
+    if _native.lib is None:
+        native = dict.fromkeys(native)
     old = np.setbufsize(UFUNC_BUFFER)
     try:
         for a, b in ts:
-            s = factors[b.dtype]
-            if native and b.dtype == _native.BF16 and _contiguous_1d(a, b):
-                _native.scale_bf16(a, b, float(s))
+            s = native[b.dtype]
+            if s is not None and _contiguous_1d(a, b):
+                _native.scale(a, b, s)
             else:
-                multiply(a, s, out=b, casting="unsafe")
+                multiply(a, factors[b.dtype], out=b, casting="unsafe")
     finally:
         np.setbufsize(old)
 

@@ -14,9 +14,10 @@
     hundred calls, not one each (``torch._foreach_norm`` on the CPU is a loop of
     ~1 us per tensor);
   - strided tensors through :mod:`gradclip._fast_numpy` on zero-copy views;
-  - contiguous bfloat16 tensors, where the C kernels are built
+  - contiguous bfloat16 and float32 tensors, where the C kernels are built
     (:mod:`gradclip._native`), by the kernel over tables of their addresses on
-    NumPy's threads: one read, thousands of tensors in a call (the scaling too).
+    NumPy's threads: one read, thousands of tensors in a call (the scaling too; no
+    torch op then runs, so no OpenMP worker of torch spins beside NumPy's threads).
 
   When the total could have overflowed or underflowed (inf, NaN, huge or tiny
   values, zeros), every tensor is recomputed exactly by the NumPy path.
@@ -220,11 +221,12 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
     sizes = _sizes(tree)
     nbuf = min(CAT_MAX, max(1024, int(sum(sizes) * CAT_SHARE)))
     leaves, total = tree.leaves, 0.0
-    if _native.lib is not None and torch.bfloat16 in _dtypes(tree):  # the C kernel
-        batches, done = _tree_bf16_table(tree)
-        total = sum(_on_threads(batches, _native.lib.sumsq_bf16_table))
-        if done:
-            skip = set(done)
+    if _native.lib is not None and acc == torch.float32:  # the C kernels (float32 lanes)
+        skip: set[int] = set()
+        for dtype, (batches, done) in _tree_tables(tree).items():
+            total += sum(_on_threads(batches, _native.lib.sumsq_table, _NATIVE[dtype]))
+            skip.update(done)
+        if skip:
             leaves = [x for i, x in enumerate(leaves) if i not in skip]
             sizes = [n for i, n in enumerate(sizes) if i not in skip]
     big, rows, small, big_size = [], [], [], 0
@@ -263,59 +265,58 @@ def _wide_size(tree: _tree.Tree) -> int:
 
 
 def _widened_mul_(
-    xs: list[torch.Tensor],
-    s: torch.Tensor,
-    nbuf: int,
-    sizes: Sequence[int],
-    table: tuple[list[Any], list[int]] | None = None,
+    xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, sizes: Sequence[int]
 ) -> None:
     """``x *= s`` for 16-bit CPU tensors (``sizes``: their numbers of elements), ``s``
     a float32 0-d tensor (torch's 16-bit kernel widens each element, multiplies by
-    ``s`` in float32 and rounds once). Contiguous bfloat16 tensors go to the C kernel
-    when it is built (``table``: theirs from :func:`_bf16_table`, when known). Else,
-    when ``xs`` hold ``WIDE_MIN_BYTES`` or more, the large contiguous ones go piece by
-    piece through a float32 buffer of ``nbuf`` elements (widen, multiply, round back:
-    the same result, bit for bit, at 0.29 ns an element where torch's kernel takes
-    0.45 on memory out of the cache). The others, and all of them below that size,
-    with ``torch._foreach_mul_``."""
-    if _native.lib is not None and xs[0].dtype == torch.bfloat16:
-        batches, large = table if table is not None else _bf16_table(xs, sizes)
-        _on_threads(batches, _native.lib.scale_bf16_table, float(s))
-    else:
+    ``s`` in float32 and rounds once). When ``xs`` hold ``WIDE_MIN_BYTES`` or more, the
+    large contiguous ones go piece by piece through a float32 buffer of ``nbuf``
+    elements instead (widen, multiply, round back: the same result, bit for bit, at
+    0.29 ns an element where torch's kernel takes 0.45 on memory out of the cache); the
+    others, and all of them below that size, with ``torch._foreach_mul_``."""
+    large = []
+    if sum(sizes) * 2 >= WIDE_MIN_BYTES:  # (smaller: likely in the cache)
         large = [i for i, n in enumerate(sizes) if n >= nbuf // 4 and xs[i].is_contiguous()]
-        if sum(sizes) * 2 < WIDE_MIN_BYTES:  # likely in the cache
-            large = []
-        buf = torch.empty(nbuf if large else 0, dtype=torch.float32)
-        for i in large:
-            for piece in torch.split(xs[i].view(-1), nbuf):
-                b = buf[: piece.numel()]
-                b.copy_(piece)
-                b.mul_(s)
-                piece.copy_(b)
-    if len(large) < len(xs):
-        done = set(large)
-        torch._foreach_mul_([x for i, x in enumerate(xs) if i not in done] if done else xs, s)
+    _foreach_mul_others_(xs, s, large)
+    buf = torch.empty(nbuf if large else 0, dtype=torch.float32)
+    for i in large:
+        for piece in torch.split(xs[i].view(-1), nbuf):
+            b = buf[: piece.numel()]
+            b.copy_(piece)
+            b.mul_(s)
+            piece.copy_(b)
 
 
-def _bf16_table(
-    xs: Sequence[torch.Tensor], sizes: Sequence[int]
-) -> tuple[list[tuple[Any, Any, int]], list[int]]:
-    """The contiguous bfloat16 tensors of ``xs`` as tables for the C kernels: batches
-    of ``(addresses, counts, elements)`` (int64 arrays) of about ``CHUNK`` elements
-    (larger tensors cut into chunks of ``CHUNK``), and the indices of the tensors they
-    cover. Thousands of tensors cost a ``data_ptr()`` each, not a call each."""
-    chunk = _fast_numpy.CHUNK
+def _foreach_mul_others_(xs: list[torch.Tensor], s: torch.Tensor, done: Sequence[int]) -> None:
+    """``torch._foreach_mul_`` of the tensors of ``xs`` whose indices are not in ``done``."""
+    if len(done) < len(xs):
+        skip = set(done)
+        torch._foreach_mul_([x for i, x in enumerate(xs) if i not in skip] if skip else xs, s)
+
+
+_NATIVE = {torch.bfloat16: 2, torch.float32: 4}  # dtypes of the C kernels: item sizes
+
+Table = tuple[list[tuple[Any, Any, int]], list[int]]
+
+
+def _native_table(xs: Sequence[torch.Tensor], sizes: Sequence[int], dtype: Any) -> Table:
+    """The contiguous tensors of ``xs`` of ``dtype`` (bfloat16 or float32) as tables
+    for the C kernels: batches of ``(addresses, counts, elements)`` (int64 arrays) of
+    about ``CHUNK`` elements (larger tensors cut into chunks of ``CHUNK``), and the
+    indices of the tensors they cover. Thousands of tensors cost a ``data_ptr()``
+    each, not a call each."""
+    chunk, itemsize = _fast_numpy.CHUNK, _NATIVE[dtype]
     batches: list[tuple[Any, Any, int]] = []
     covered: list[int] = []
     ptrs, counts, n = array("q"), array("q"), 0
     for i, (x, size) in enumerate(zip(xs, sizes)):
-        if x.dtype != torch.bfloat16 or not size or not x.is_contiguous():
+        if x.dtype != dtype or not size or not x.is_contiguous():
             continue
         covered.append(i)
         address = x.data_ptr()
         for start in range(0, size, chunk):
             k = min(chunk, size - start)
-            ptrs.append(address + 2 * start)
+            ptrs.append(address + itemsize * start)
             counts.append(k)
             n += k
             if n >= chunk:
@@ -326,8 +327,14 @@ def _bf16_table(
     return batches, covered
 
 
-def _tree_bf16_table(tree: _tree.Tree) -> tuple[list[tuple[Any, Any, int]], list[int]]:
-    return _tree.memo(tree, "bf16 table", lambda tree: _bf16_table(tree.leaves, _sizes(tree)))
+def _tree_tables(tree: _tree.Tree) -> dict[Any, Table]:
+    """The tree's :func:`_native_table` per bfloat16 and float32, made once per call."""
+
+    def find(tree: _tree.Tree) -> dict[Any, Table]:
+        dtypes = [dt for dt in _NATIVE if dt in _dtypes(tree)]
+        return {dt: _native_table(tree.leaves, _sizes(tree), dt) for dt in dtypes}
+
+    return _tree.memo(tree, "tables", find)
 
 
 def _on_threads(batches: list[tuple[Any, Any, int]], kernel: Callable, *args: Any) -> list[Any]:
@@ -473,12 +480,17 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
                 # torch's fused CUDA kernels read a tensor scale in the leaves' dtype
                 # (another dtype takes a slow loop that rounds it all the same)
                 s = s.to(dtype)
-            if inplace and host and s.dtype != dtype:
-                sizes = _sizes(tree)
-                if len(groups) == 1:
-                    _widened_mul_(xs, s, _wide_size(tree), sizes, _tree_bf16_table(tree))
-                else:
-                    _widened_mul_(xs, s, _wide_size(tree), [sizes[i] for i in idx])
+            sizes = _sizes(tree) if inplace and host else []
+            if len(groups) > 1:
+                sizes = [sizes[i] for i in idx] if sizes else []
+            if sizes and _native.lib is not None and dtype in _NATIVE and s.dtype == torch.float32:
+                # the C kernel on NumPy's threads (the float32 product, rounded once)
+                table = _tree_tables(tree)[dtype] if len(groups) == 1 else None
+                batches, done = table or _native_table(xs, sizes, dtype)
+                _on_threads(batches, _native.lib.scale_table, _NATIVE[dtype], float(s))
+                _foreach_mul_others_(xs, s, done)
+            elif sizes and s.dtype != dtype:
+                _widened_mul_(xs, s, _wide_size(tree), sizes)
             elif inplace:
                 torch._foreach_mul_(xs, s)
             else:

@@ -1,26 +1,25 @@
-/* Optional CPU kernels for bfloat16 gradients (see gradclip/_native.py).
+/* Optional CPU kernels for bfloat16 and float32 gradients (see gradclip/_native.py).
  *
  * NumPy has no bfloat16 of its own (ml_dtypes' casts run at ~2.4 elements per ns and
- * hold the GIL) and torch's CPU kernels either round a bfloat16 norm to bfloat16 or
- * cast a float32 copy first, so the 16-bit fast paths spent most of their time
- * widening values through small buffers. These two loops read each element once:
+ * hold the GIL), torch's CPU kernels either round a bfloat16 norm to bfloat16 or cast
+ * a float32 copy first, and a BLAS dot per chunk of float32 is slower than one read
+ * of the memory. These loops read each element once:
  *
- *   sumsq_bf16(x)        the sum of squares, float32 lanes per row of 1024 elements
- *                        (each square of a bfloat16 value is exact in float32), the
- *                        rows added in double; a row whose float32 sum could have
- *                        overflowed or lost its tiny squares is summed again in double,
- *                        where no square of a finite bfloat16 value overflows or
- *                        underflows. So any finite input gives an accurate sum, and
- *                        inf and NaN propagate.
- *   scale_bf16(x, y, s)  y = bfloat16(float32(x) * s): the float32 product rounded
- *                        once to nearest even, NaN kept NaN; bit for bit what the core
- *                        (ml_dtypes) and torch's CPU kernel give.
+ *   sumsq(x)        the sum of squares: float32 lanes per row of 1024 elements (a
+ *                   bfloat16 value's square is exact in float32), the rows added in
+ *                   double; a row whose float32 sum could have overflowed or lost its
+ *                   tiny squares is summed again in double, where no square of a
+ *                   finite float32 value overflows or underflows. So any finite input
+ *                   gives an accurate sum, and inf and NaN propagate.
+ *   scale(x, y, s)  y = x * s in float32, rounded once to the leaf's dtype (to nearest
+ *                   even for bfloat16, NaN kept NaN): bit for bit what the core
+ *                   (NumPy, ml_dtypes) and torch's CPU kernels give.
  *
- * x and y are C-contiguous buffers of 2-byte items holding bfloat16 bits (a uint16
- * view: ml_dtypes' arrays export no buffer of their own). The _table variants take a
- * table of addresses and counts instead (torch tensors' data_ptr(): thousands of
- * tensors in one call, no view of each). The GIL is released while they run, so the
- * NumPy path's threads run them side by side.
+ * x and y are C-contiguous buffers: format 'H' holds bfloat16 bits (a uint16 view:
+ * ml_dtypes' arrays export no buffer of their own), format 'f' float32. The _table
+ * variants take a table of addresses and counts and the item size instead (torch
+ * tensors' data_ptr(): thousands of tensors in one call, no view of each). The GIL is
+ * released while they run, so the NumPy path's threads run them side by side.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,6 +29,12 @@
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define GRADCLIP_X86 1
 #include <immintrin.h>
+#endif
+
+#if defined(GRADCLIP_X86) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
 #endif
 
 #define ROW 1024
@@ -49,58 +54,62 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded);
 }
 
-/* ---- the sum of squares ------------------------------------------------------ */
-
-/* 8 double lanes (vectorised too), for the rows float32 cannot hold and the tail. */
-#if defined(GRADCLIP_X86) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-static double row_sumsq_f64(const uint16_t *x, int64_t n) {
-    double acc[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) {
-            double v = bf16_to_f32(x[i + k]);
-            acc[k] += v * v;
-        }
-    double s = 0.0;
-    for (; i < n; i++) {
-        double v = bf16_to_f32(x[i]);
-        s += v * v;
-    }
-    for (int k = 0; k < 8; k++) s += acc[k];
-    return s;
-}
-
-/* 16 float32 lanes over one row (vectorised by the compiler: no reassociation). */
-#if defined(GRADCLIP_X86) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-static float row_sumsq_f32(const uint16_t *x) {
-    float acc[16] = {0};
-    for (int j = 0; j < ROW; j += 16)
-        for (int k = 0; k < 16; k++) {
-            float v = bf16_to_f32(x[j + k]);
-            acc[k] += v * v;
-        }
-    float s = 0.0f;
-    for (int k = 0; k < 16; k++) s += acc[k];
-    return s;
-}
+#define LOAD_BF16(x, i) bf16_to_f32(((const uint16_t *)(x))[i])
+#define LOAD_F32(x, i) (((const float *)(x))[i])
 
 /* A row's float32 sum inside these bounds lost nothing that matters: no square
  * overflowed (each is below the sum) and squares below 2^-149 are under 2^-139 of it. */
 #define SAFE_LO 0x1p-100f
 #define SAFE_HI 0x1p120f
 
-static double sumsq_bf16(const uint16_t *x, int64_t n) {
-    double total = 0.0;
-    int64_t i = 0;
-    for (; i + ROW <= n; i += ROW) {
-        float s = row_sumsq_f32(x + i);
-        total += (s >= SAFE_LO && s <= SAFE_HI) ? (double)s : row_sumsq_f64(x + i, ROW);
+/* ---- the sum of squares, for each element type ------------------------------- */
+
+#define DEFINE_SUMSQ(NAME, LOAD, SIZE)                                                     \
+    /* 8 double lanes (vectorised too), for the rows float32 cannot hold and the tail */ \
+    CLONES static double NAME##_f64(const char *x, int64_t n) {                           \
+        double acc[8] = {0};                                                               \
+        int64_t i = 0;                                                                     \
+        for (; i + 8 <= n; i += 8)                                                         \
+            for (int k = 0; k < 8; k++) {                                                  \
+                double v = LOAD(x, i + k);                                                 \
+                acc[k] += v * v;                                                           \
+            }                                                                              \
+        double s = 0.0;                                                                    \
+        for (; i < n; i++) {                                                               \
+            double v = LOAD(x, i);                                                         \
+            s += v * v;                                                                    \
+        }                                                                                  \
+        for (int k = 0; k < 8; k++) s += acc[k];                                           \
+        return s;                                                                          \
+    }                                                                                      \
+    /* 32 float32 lanes over one row (vectorised: no reassociation needed) */             \
+    CLONES static float NAME##_row(const char *x) {                                       \
+        float acc[32] = {0};                                                               \
+        for (int j = 0; j < ROW; j += 32)                                                  \
+            for (int k = 0; k < 32; k++) {                                                 \
+                float v = LOAD(x, j + k);                                                  \
+                acc[k] += v * v;                                                           \
+            }                                                                              \
+        float s = 0.0f;                                                                    \
+        for (int k = 0; k < 32; k++) s += acc[k];                                          \
+        return s;                                                                          \
+    }                                                                                      \
+    static double NAME(const char *x, int64_t n) {                                         \
+        double total = 0.0;                                                                \
+        int64_t i = 0;                                                                     \
+        for (; i + ROW <= n; i += ROW) {                                                   \
+            float s = NAME##_row(x + i * SIZE);                                            \
+            total += (s >= SAFE_LO && s <= SAFE_HI) ? (double)s                            \
+                                                    : NAME##_f64(x + i * SIZE, ROW);       \
+        }                                                                                  \
+        return total + NAME##_f64(x + i * SIZE, n - i);                                    \
     }
-    return total + row_sumsq_f64(x + i, n - i);
+
+DEFINE_SUMSQ(sumsq_bf16, LOAD_BF16, 2)
+DEFINE_SUMSQ(sumsq_f32, LOAD_F32, 4)
+
+static double sumsq(const char *x, int64_t n, Py_ssize_t itemsize) {
+    return itemsize == 2 ? sumsq_bf16(x, n) : sumsq_f32(x, n);
 }
 
 /* ---- the scaling --------------------------------------------------------------- */
@@ -150,56 +159,81 @@ static void scale_bf16(const uint16_t *x, uint16_t *y, int64_t n, float s) {
     scale_bf16_plain(x, y, n, s);
 }
 
+CLONES static void scale_f32(const float *x, float *y, int64_t n, float s) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * s;
+}
+
+static void scale(const char *x, char *y, int64_t n, Py_ssize_t itemsize, float s) {
+    if (itemsize == 2)
+        scale_bf16((const uint16_t *)x, (uint16_t *)y, n, s);
+    else
+        scale_f32((const float *)x, (float *)y, n, s);
+}
+
 /* ---- the module ---------------------------------------------------------------- */
 
-static int get_bf16(PyObject *obj, Py_buffer *view, int writable) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
-        return -1;
-    if (view->itemsize != 2) {
-        PyErr_SetString(PyExc_TypeError, "expected a buffer of 2-byte items (bfloat16 bits)");
+/* A C-contiguous buffer of bfloat16 bits ('H') or float32 ('f'). */
+static int get_array(PyObject *obj, Py_buffer *view, int writable) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
+    const char *f = view->format ? view->format : "B";
+    if (f[0] == '<' || f[0] == '=' || f[0] == '@') f++;
+    if (!((f[0] == 'H' && view->itemsize == 2) || (f[0] == 'f' && view->itemsize == 4)) ||
+        f[1] != '\0') {
+        PyErr_Format(PyExc_TypeError,
+                     "expected bfloat16 bits (uint16) or float32, got format '%s'",
+                     view->format ? view->format : "B");
         PyBuffer_Release(view);
         return -1;
     }
     return 0;
 }
 
-static PyObject *py_sumsq_bf16(PyObject *self, PyObject *arg) {
+static PyObject *py_sumsq(PyObject *self, PyObject *arg) {
     Py_buffer x;
-    if (get_bf16(arg, &x, 0) < 0) return NULL;
+    if (get_array(arg, &x, 0) < 0) return NULL;
     double total;
-    Py_BEGIN_ALLOW_THREADS total = sumsq_bf16((const uint16_t *)x.buf, x.len / 2);
+    Py_BEGIN_ALLOW_THREADS total = sumsq((const char *)x.buf, x.len / x.itemsize, x.itemsize);
     Py_END_ALLOW_THREADS PyBuffer_Release(&x);
     return PyFloat_FromDouble(total);
 }
 
-static PyObject *py_scale_bf16(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *py_scale(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "scale_bf16(x, y, s) takes 3 arguments");
+        PyErr_SetString(PyExc_TypeError, "scale(x, y, s) takes 3 arguments");
         return NULL;
     }
     double s = PyFloat_AsDouble(args[2]);
     if (s == -1.0 && PyErr_Occurred()) return NULL;
     Py_buffer x, y;
-    if (get_bf16(args[0], &x, 0) < 0) return NULL;
-    if (get_bf16(args[1], &y, 1) < 0) {
+    if (get_array(args[0], &x, 0) < 0) return NULL;
+    if (get_array(args[1], &y, 1) < 0) {
         PyBuffer_Release(&x);
         return NULL;
     }
-    if (x.len != y.len) {
+    if (x.len != y.len || x.itemsize != y.itemsize) {
         PyBuffer_Release(&x);
         PyBuffer_Release(&y);
-        PyErr_SetString(PyExc_ValueError, "scale_bf16: x and y differ in size");
+        PyErr_SetString(PyExc_ValueError, "scale: x and y differ in size or dtype");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS scale_bf16((const uint16_t *)x.buf, (uint16_t *)y.buf, x.len / 2,
-                                      (float)s);
+    Py_BEGIN_ALLOW_THREADS scale((const char *)x.buf, (char *)y.buf, x.len / x.itemsize,
+                                 x.itemsize, (float)s);
     Py_END_ALLOW_THREADS PyBuffer_Release(&x);
     PyBuffer_Release(&y);
     Py_RETURN_NONE;
 }
 
-/* A table of (address, count) pairs: two int64 buffers of one length. */
-static int get_table(PyObject *const *args, Py_buffer *ptrs, Py_buffer *counts) {
+/* A table of (address, count) pairs: two int64 buffers of one length, and an item size
+ * (2: bfloat16, 4: float32). */
+static int get_table(PyObject *const *args, Py_buffer *ptrs, Py_buffer *counts,
+                     Py_ssize_t *itemsize) {
+    *itemsize = PyLong_AsSsize_t(args[2]);
+    if (*itemsize == -1 && PyErr_Occurred()) return -1;
+    if (*itemsize != 2 && *itemsize != 4) {
+        PyErr_SetString(PyExc_ValueError, "itemsize: 2 (bfloat16) or 4 (float32)");
+        return -1;
+    }
     if (PyObject_GetBuffer(args[0], ptrs, PyBUF_C_CONTIGUOUS) < 0) return -1;
     if (PyObject_GetBuffer(args[1], counts, PyBUF_C_CONTIGUOUS) < 0) {
         PyBuffer_Release(ptrs);
@@ -214,37 +248,39 @@ static int get_table(PyObject *const *args, Py_buffer *ptrs, Py_buffer *counts) 
     return 0;
 }
 
-static PyObject *py_sumsq_bf16_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *py_sumsq_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer ptrs, counts;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "sumsq_bf16_table(ptrs, counts) takes 2 arguments");
+    Py_ssize_t size;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "sumsq_table(ptrs, counts, itemsize): 3 arguments");
         return NULL;
     }
-    if (get_table(args, &ptrs, &counts) < 0) return NULL;
+    if (get_table(args, &ptrs, &counts, &size) < 0) return NULL;
     const int64_t *p = (const int64_t *)ptrs.buf, *c = (const int64_t *)counts.buf;
     Py_ssize_t n = ptrs.len / 8;
     double total = 0.0;
     Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) total +=
-        sumsq_bf16((const uint16_t *)(intptr_t)p[i], c[i]);
+        sumsq((const char *)(intptr_t)p[i], c[i], size);
     Py_END_ALLOW_THREADS PyBuffer_Release(&ptrs);
     PyBuffer_Release(&counts);
     return PyFloat_FromDouble(total);
 }
 
-static PyObject *py_scale_bf16_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *py_scale_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer ptrs, counts;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "scale_bf16_table(ptrs, counts, s) takes 3 arguments");
+    Py_ssize_t size;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "scale_table(ptrs, counts, itemsize, s): 4 arguments");
         return NULL;
     }
-    double s = PyFloat_AsDouble(args[2]);
+    double s = PyFloat_AsDouble(args[3]);
     if (s == -1.0 && PyErr_Occurred()) return NULL;
-    if (get_table(args, &ptrs, &counts) < 0) return NULL;
+    if (get_table(args, &ptrs, &counts, &size) < 0) return NULL;
     const int64_t *p = (const int64_t *)ptrs.buf, *c = (const int64_t *)counts.buf;
     Py_ssize_t n = ptrs.len / 8;
     Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) {
-        uint16_t *x = (uint16_t *)(intptr_t)p[i];
-        scale_bf16(x, x, c[i], (float)s);
+        char *x = (char *)(intptr_t)p[i];
+        scale(x, x, c[i], size, (float)s);
     }
     Py_END_ALLOW_THREADS PyBuffer_Release(&ptrs);
     PyBuffer_Release(&counts);
@@ -252,19 +288,20 @@ static PyObject *py_scale_bf16_table(PyObject *self, PyObject *const *args, Py_s
 }
 
 static PyMethodDef kernels_methods[] = {
-    {"sumsq_bf16", (PyCFunction)py_sumsq_bf16, METH_O,
-     "sumsq_bf16(x) -> float: the sum of squares of bfloat16 bits x."},
-    {"scale_bf16", (PyCFunction)(void (*)(void))py_scale_bf16, METH_FASTCALL,
-     "scale_bf16(x, y, s): y = bfloat16(float32(x) * s), rounded to nearest even."},
-    {"sumsq_bf16_table", (PyCFunction)(void (*)(void))py_sumsq_bf16_table, METH_FASTCALL,
-     "sumsq_bf16_table(ptrs, counts) -> float: the sum of squares of bfloat16 memory at "
-     "each address (int64 buffers), count elements each."},
-    {"scale_bf16_table", (PyCFunction)(void (*)(void))py_scale_bf16_table, METH_FASTCALL,
-     "scale_bf16_table(ptrs, counts, s): scale_bf16 in place at each address."},
+    {"sumsq", (PyCFunction)py_sumsq, METH_O,
+     "sumsq(x) -> float: the sum of squares of x (bfloat16 bits or float32)."},
+    {"scale", (PyCFunction)(void (*)(void))py_scale, METH_FASTCALL,
+     "scale(x, y, s): y = x * s in float32, rounded once to x's dtype."},
+    {"sumsq_table", (PyCFunction)(void (*)(void))py_sumsq_table, METH_FASTCALL,
+     "sumsq_table(ptrs, counts, itemsize) -> float: sumsq of the memory at each address "
+     "(int64 buffers), count elements each."},
+    {"scale_table", (PyCFunction)(void (*)(void))py_scale_table, METH_FASTCALL,
+     "scale_table(ptrs, counts, itemsize, s): scale in place at each address."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef kernels_module = {
-    PyModuleDef_HEAD_INIT, "_kernels", "C kernels for bfloat16 gradients (see gradclip._native).",
-    -1, kernels_methods};
+    PyModuleDef_HEAD_INIT, "_kernels",
+    "C kernels for bfloat16 and float32 gradients (see gradclip._native).", -1,
+    kernels_methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernels_module); }
