@@ -331,6 +331,23 @@ def _assert_extra_memory_below_one_percent(grads):
     assert peak <= 0.01 * nbytes, (peak, nbytes)
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize(("dt", "big"), [("float32", 1e30), ("float64", 1e200)])
+def test_numpy_exact_path_extra_memory_below_one_percent(dt, big, native, monkeypatch):
+    """Values whose squares overflow the fast sum take the exact path: it works on
+    pieces of ``EXACT_PIECE`` elements, never on a float64 copy of a whole chunk."""
+    from gradclip import _native
+
+    if not native:
+        monkeypatch.setattr(_native, "lib", None)
+    grads = _grads_of_18m_bytes_or_more(dt)
+    grads[0][:5] = big
+    exact = ref_norm([np.asarray(g) for g in grads], 2)
+    assert float(gc.global_norm(grads)) == pytest.approx(exact, rel=1e-6)
+    peak = _peak(lambda: gc.global_norm(grads))
+    assert peak <= 0.01 * sum(x.nbytes for x in grads), peak
+
+
 def _grads_of_18m_bytes_or_more(dt):
     b = make_backend("numpy")
     rng = np.random.default_rng(7)

@@ -349,18 +349,25 @@ def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
     return sum(_packed(ts, acc, nbuf, _dot, float), 0.0)
 
 
+EXACT_PIECE = 1 << 14  # elements widened or divided at a time in the exact path
+
+
 def _sumsq(c: np.ndarray) -> tuple[float, float]:
     """``(d, s)`` with ``d**2 * s`` the sum of squares of ``c`` (1-D, float32 or
-    float64), computed without overflow or underflow."""
+    float64), computed without overflow or underflow, and without a temporary larger
+    than ``EXACT_PIECE`` elements."""
+    if c.dtype == np.float32 and _native.lib is not None and c.flags.c_contiguous:
+        return 1.0, _native.sumsq(c)  # exact as it is
     s = _dot_rows(c)
     lo, hi = _SAFE[c.dtype]
     if lo <= s <= hi or (s == 0 and not c.any()):
         return 1.0, s
+    pieces = _pieces(c, EXACT_PIECE)
     if c.dtype == np.float32:  # squares of float32 values are exact-range in float64
-        return 1.0, _dot_rows(c.astype(np.float64))
-    m = float(np.max(np.abs(c)))
+        return 1.0, sum(_dot_rows(p.astype(np.float64)) for p in pieces)
+    m = _maxabs(c)
     d = m if math.isfinite(m) and m > 0 else 1.0
-    return d, _dot_rows(c / d)
+    return d, sum(_dot_rows(p / d) for p in pieces)
 
 
 def _exact_terms(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> list[tuple[float, float]]:
