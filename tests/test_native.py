@@ -128,6 +128,7 @@ def test_tables_cover_each_address_once(dt):
     rng = np.random.default_rng(5)
     sizes = (0, 1, 17, 1024, 3000, 70_001)
     xs = [_as(rng.standard_normal(n + 1), KINDS[dt])[1:] for n in sizes]
+    assert [_native.address(x) for x in xs] == [x.ctypes.data for x in xs]
     ptrs = array("q", [x.ctypes.data for x in xs])
     counts = array("q", [x.size for x in xs])
     itemsize = KINDS[dt].itemsize

@@ -36,6 +36,7 @@ import math
 import operator
 import os
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -193,6 +194,73 @@ def _run(
     finally:
         results = [f.result() for f in others]
     return [mine, *results]
+
+
+TABLE_ROWS = 64  # addresses in one call of a C kernel at most (a 1 KiB table)
+
+
+def run_native(
+    items: Sequence[Any],
+    address: Callable[[Any], int],
+    size: int,
+    kernel: Callable,
+    itemsize: int,
+    *args: Any,
+    size_of: Callable[[Any], int] = operator.attrgetter("size"),
+) -> list[Any]:
+    """``kernel(addresses, counts, itemsize, *args)`` over the memory of ``items``
+    (``size`` elements in all: C-contiguous arrays or tensors of one dtype of the C
+    kernels, ``address(x)`` where each starts), on the threads of :func:`_run`. A
+    thread takes units of ``CHUNK`` elements at most (a piece of a large item, a run
+    of small ones) and calls the kernel for about ``CHUNK`` elements at a time, through
+    a table of at most ``TABLE_ROWS`` rows: thousands of tensors cost an address each,
+    not a call each, and no object per item outlives its unit (the 1 % bound)."""
+
+    def split(x: Any) -> Sequence[tuple[int, int]]:
+        start, n = address(x), size_of(x)
+        if n <= CHUNK:
+            return ((start, n),)
+        return [(start + itemsize * i, min(CHUNK, n - i)) for i in range(0, n, CHUNK)]
+
+    def work(pieces: Iterable[tuple[int, int]]) -> list[Any]:
+        out = []
+        ptrs, counts, n = array("q"), array("q"), 0
+        for start, k in pieces:
+            ptrs.append(start)
+            counts.append(k)
+            n += k
+            if n >= CHUNK or len(ptrs) == TABLE_ROWS:
+                out.append(kernel(ptrs, counts, itemsize, *args))
+                ptrs, counts, n = array("q"), array("q"), 0
+        if ptrs:
+            out.append(kernel(ptrs, counts, itemsize, *args))
+        return out
+
+    parts = _run(items, work, size, split=split, item_size=size_of)
+    return [r for part in parts for r in part]
+
+
+def _native_groups(
+    arrays: Sequence[np.ndarray], dtypes: Iterable[Any] | None = None
+) -> tuple[dict[np.dtype, Sequence[np.ndarray]], Sequence[np.ndarray]]:
+    """The C-contiguous arrays of ``dtypes`` (of the C kernels' dtypes; all of them
+    by default) by dtype, for :func:`run_native`, and the other arrays; nothing when
+    the kernels are not built. Arrays of one such dtype (the common case) stay the
+    sequence they are: no list with an entry per array."""
+    kinds = _native.DTYPES if dtypes is None else set(dtypes) & _native.DTYPES
+    if _native.lib is None or not kinds or not arrays:
+        return {}, arrays
+    first = arrays[0].dtype
+    if first in kinds and all(x.dtype == first and x.flags.c_contiguous for x in arrays):
+        return {first: arrays}, ()
+    found: dict[np.dtype, list[np.ndarray]] = {}
+    rest: list[np.ndarray] = []
+    for x in arrays:
+        if x.dtype in kinds and x.flags.c_contiguous:
+            found.setdefault(x.dtype, []).append(x)
+        else:
+            rest.append(x)
+    return found, rest
 
 
 def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
@@ -431,6 +499,15 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
     """The blocked sum of squares (a dot per chunk, in ``acc``, the chunks added in
     float64): accurate when :func:`is_safe`; inf or NaN elements make it inf or NaN."""
     acc = np.dtype(acc)
+    total = 0.0
+    if acc == np.float32:  # the C kernels take the contiguous float32/bfloat16 arrays
+        groups, arrays = _native_groups(arrays)
+        for dt, xs in groups.items():
+            n = size if not arrays and len(groups) == 1 else sum(x.size for x in xs)
+            total += sum(run_native(xs, _native.address, n, _native.lib.sumsq_table, dt.itemsize))
+        if not arrays:
+            return total
+        size = sum(x.size for x in arrays)
     n_threads = _threads_for(size)
     nbuf = _buffer_size(size, acc.itemsize)
     widened = {x.dtype for x in arrays} - {acc}
@@ -439,7 +516,8 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
     if nbuf < BUFFERED_PARALLEL_MIN and widened:
         n_threads, nbuf = 1, _buffer_size(size, acc.itemsize, 1)
     with np.errstate(over="ignore", invalid="ignore"):
-        return sum(_run(arrays, lambda ts: _plain_sum(ts, acc, nbuf), size, threads=n_threads))
+        parts = _run(arrays, lambda ts: _plain_sum(ts, acc, nbuf), size, threads=n_threads)
+    return total + sum(parts)
 
 
 def is_safe(total: float, acc: Any) -> bool:
@@ -509,7 +587,16 @@ def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any
     chunked on threads."""
     size = sum(x.size for x in arrays)
     if not outs:
-        _run(arrays, lambda ts: _scale_work(((c, c) for c in ts), factors), size)
+        # the C kernels multiply in float32: the arrays whose factor is float32
+        f32 = [dt for dt, f in factors.items() if f.dtype == np.float32]
+        groups, arrays = _native_groups(arrays, f32)
+        for dt, xs in groups.items():
+            n = size if not arrays and len(groups) == 1 else sum(x.size for x in xs)
+            s = float(factors[dt])
+            run_native(xs, _native.address, n, _native.lib.scale_table, dt.itemsize, s)
+        if arrays:
+            size = sum(x.size for x in arrays)
+            _run(arrays, lambda ts: _scale_work(((c, c) for c in ts), factors), size)
         return
 
     def split(pair: tuple[np.ndarray, np.ndarray]) -> Iterable[tuple[np.ndarray, np.ndarray]]:

@@ -51,7 +51,6 @@ import bisect
 import itertools
 import math
 import operator
-from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -219,16 +218,15 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
         value = _fast_numpy.norm_of_arrays([_numpy_view(x) for x in tree.leaves], p)
         return torch.tensor(value, dtype=acc)
     sizes = _sizes(tree)
-    nbuf = min(CAT_MAX, max(1024, int(sum(sizes) * CAT_SHARE)))
+    nbuf = _cat_size(tree)
     leaves, total = tree.leaves, 0.0
-    if _native.lib is not None and acc == torch.float32:  # the C kernels (float32 lanes)
-        skip: set[int] = set()
-        for dtype, (batches, done) in _tree_tables(tree).items():
-            total += sum(_on_threads(batches, _native.lib.sumsq_table, _NATIVE[dtype]))
-            skip.update(done)
-        if skip:
-            leaves = [x for i, x in enumerate(leaves) if i not in skip]
-            sizes = [n for i, n in enumerate(sizes) if i not in skip]
+    if _native_wanted(tree, acc, _dtypes(tree), sizes):  # the C kernels (float32 lanes)
+        groups, rest = _native_groups(leaves, sizes, nbuf // 4)
+        for xs in groups.values():
+            total += sum(_run_native(xs, _native.lib.sumsq_table))
+        if len(rest) < len(leaves):
+            leaves = [leaves[i] for i in rest]
+            sizes = [sizes[i] for i in rest]
     big, rows, small, big_size = [], [], [], 0
     small_sizes = None
     if leaves and min(sizes) > 0 and max(sizes) * 4 <= nbuf:  # all small (many small)
@@ -250,6 +248,12 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
         views = [_numpy_view(x) for x in tree.leaves]
         return torch.tensor(_fast_numpy.norm_of_arrays(views, p, np_acc), dtype=acc)
     return torch.tensor(math.sqrt(total), dtype=acc)
+
+
+def _cat_size(tree: _tree.Tree) -> int:
+    """Elements of the buffer small tensors are concatenated into (``CAT_SHARE`` of
+    the gradients' bytes, ``CAT_MAX`` at most); a quarter of it is a small tensor."""
+    return min(CAT_MAX, max(1024, int(sum(_sizes(tree)) * CAT_SHARE)))
 
 
 def _sizes(tree: _tree.Tree) -> list[int]:
@@ -277,7 +281,9 @@ def _widened_mul_(
     large = []
     if sum(sizes) * 2 >= WIDE_MIN_BYTES:  # (smaller: likely in the cache)
         large = [i for i, n in enumerate(sizes) if n >= nbuf // 4 and xs[i].is_contiguous()]
-    _foreach_mul_others_(xs, s, large)
+    if len(large) < len(xs):
+        skip = set(large)
+        torch._foreach_mul_([x for i, x in enumerate(xs) if i not in skip] if skip else xs, s)
     buf = torch.empty(nbuf if large else 0, dtype=torch.float32)
     for i in large:
         for piece in torch.split(xs[i].view(-1), nbuf):
@@ -287,66 +293,59 @@ def _widened_mul_(
             piece.copy_(b)
 
 
-def _foreach_mul_others_(xs: list[torch.Tensor], s: torch.Tensor, done: Sequence[int]) -> None:
-    """``torch._foreach_mul_`` of the tensors of ``xs`` whose indices are not in ``done``."""
-    if len(done) < len(xs):
-        skip = set(done)
-        torch._foreach_mul_([x for i, x in enumerate(xs) if i not in skip] if skip else xs, s)
-
-
 _NATIVE = {torch.bfloat16: 2, torch.float32: 4}  # dtypes of the C kernels: item sizes
 
-Table = tuple[list[tuple[Any, Any, int]], list[int]]
+
+def _native_groups(
+    xs: Sequence[torch.Tensor], sizes: Sequence[int], small: int
+) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
+    """The contiguous bfloat16 tensors of ``xs``, and the contiguous float32 ones of
+    more than ``small`` elements, by dtype, for the C kernels
+    (:func:`gradclip._fast_numpy.run_native`), and the indices of the others (small
+    float32 tensors are faster concatenated, or by ``torch._foreach_mul_``). Tensors
+    that all go (the common case) stay the sequence they are."""
+    first = xs[0].dtype
+    if (
+        first in _NATIVE
+        and all(x.dtype == first for x in xs)
+        and (first == torch.bfloat16 or min(sizes) > small)
+        and all(map(_CONTIGUOUS, xs))
+    ):
+        return {first: xs}, ()
+    found: dict[Any, list[torch.Tensor]] = {}
+    rest: list[int] = []
+    for i, (x, n) in enumerate(zip(xs, sizes)):
+        dt = x.dtype
+        if dt in _NATIVE and (dt == torch.bfloat16 or n > small) and x.is_contiguous():
+            found.setdefault(dt, []).append(x)
+        else:
+            rest.append(i)
+    return found, rest
 
 
-def _native_table(xs: Sequence[torch.Tensor], sizes: Sequence[int], dtype: Any) -> Table:
-    """The contiguous tensors of ``xs`` of ``dtype`` (bfloat16 or float32) as tables
-    for the C kernels: batches of ``(addresses, counts, elements)`` (int64 arrays) of
-    about ``CHUNK`` elements (larger tensors cut into chunks of ``CHUNK``), and the
-    indices of the tensors they cover. Thousands of tensors cost a ``data_ptr()``
-    each, not a call each."""
-    chunk, itemsize = _fast_numpy.CHUNK, _NATIVE[dtype]
-    batches: list[tuple[Any, Any, int]] = []
-    covered: list[int] = []
-    ptrs, counts, n = array("q"), array("q"), 0
-    for i, (x, size) in enumerate(zip(xs, sizes)):
-        if x.dtype != dtype or not size or not x.is_contiguous():
-            continue
-        covered.append(i)
-        address = x.data_ptr()
-        for start in range(0, size, chunk):
-            k = min(chunk, size - start)
-            ptrs.append(address + itemsize * start)
-            counts.append(k)
-            n += k
-            if n >= chunk:
-                batches.append((ptrs, counts, n))
-                ptrs, counts, n = array("q"), array("q"), 0
-    if n:
-        batches.append((ptrs, counts, n))
-    return batches, covered
+_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
-def _tree_tables(tree: _tree.Tree) -> dict[Any, Table]:
-    """The tree's :func:`_native_table` per bfloat16 and float32, made once per call."""
-
-    def find(tree: _tree.Tree) -> dict[Any, Table]:
-        dtypes = [dt for dt in _NATIVE if dt in _dtypes(tree)]
-        return {dt: _native_table(tree.leaves, _sizes(tree), dt) for dt in dtypes}
-
-    return _tree.memo(tree, "tables", find)
+def _native_wanted(tree: _tree.Tree, acc: Any, dtypes: Any, sizes: Sequence[int]) -> bool:
+    """Whether :func:`_native_groups` of tensors of ``dtypes`` (``sizes`` elements)
+    may find any, in a float32 accumulation (or scale: the kernels' float32 lanes)."""
+    if _native.lib is None or acc != torch.float32 or not dtypes & _NATIVE.keys():
+        return False
+    return torch.bfloat16 in dtypes or max(sizes) > _cat_size(tree) // 4
 
 
-def _on_threads(batches: list[tuple[Any, Any, int]], kernel: Callable, *args: Any) -> list[Any]:
-    """``kernel(addresses, counts, *args)`` of every batch, on NumPy's threads."""
-    parts = _fast_numpy._run(
-        batches,
-        lambda bs: [kernel(p, c, *args) for p, c, _ in bs],
-        sum(b[2] for b in batches),
-        split=lambda b: (b,),
-        item_size=operator.itemgetter(2),
+def _run_native(xs: Sequence[torch.Tensor], kernel: Callable, *args: Any) -> list[Any]:
+    """``kernel`` over contiguous tensors of one dtype of the C kernels."""
+    size = sum(map(torch.Tensor.numel, xs))
+    return _fast_numpy.run_native(
+        xs,
+        torch.Tensor.data_ptr,
+        size,
+        kernel,
+        _NATIVE[xs[0].dtype],
+        *args,
+        size_of=torch.Tensor.numel,
     )
-    return [r for part in parts for r in part]
 
 
 def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
@@ -483,12 +482,13 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
             sizes = _sizes(tree) if inplace and host else []
             if len(groups) > 1:
                 sizes = [sizes[i] for i in idx] if sizes else []
-            if sizes and _native.lib is not None and dtype in _NATIVE and s.dtype == torch.float32:
+            if sizes and _native_wanted(tree, s.dtype, {dtype}, sizes):
                 # the C kernel on NumPy's threads (the float32 product, rounded once)
-                table = _tree_tables(tree)[dtype] if len(groups) == 1 else None
-                batches, done = table or _native_table(xs, sizes, dtype)
-                _on_threads(batches, _native.lib.scale_table, _NATIVE[dtype], float(s))
-                _foreach_mul_others_(xs, s, done)
+                by_dtype, rest = _native_groups(xs, sizes, _cat_size(tree) // 4)
+                for ys in by_dtype.values():
+                    _run_native(ys, _native.lib.scale_table, float(s))
+                if rest:
+                    torch._foreach_mul_([xs[i] for i in rest], s)
             elif sizes and s.dtype != dtype:
                 _widened_mul_(xs, s, _wide_size(tree), sizes)
             elif inplace:

@@ -287,6 +287,16 @@ static PyObject *py_scale_table(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* The data address of a C-contiguous buffer (taken and released: the caller keeps the
+ * array alive while it uses it). */
+static PyObject *py_address(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    PyObject *address = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return address;
+}
+
 static PyMethodDef kernels_methods[] = {
     {"sumsq", (PyCFunction)py_sumsq, METH_O,
      "sumsq(x) -> float: the sum of squares of x (bfloat16 bits or float32)."},
@@ -297,6 +307,8 @@ static PyMethodDef kernels_methods[] = {
      "(int64 buffers), count elements each."},
     {"scale_table", (PyCFunction)(void (*)(void))py_scale_table, METH_FASTCALL,
      "scale_table(ptrs, counts, itemsize, s): scale in place at each address."},
+    {"address", (PyCFunction)py_address, METH_O,
+     "address(buffer) -> int: the data address of a C-contiguous buffer."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef kernels_module = {

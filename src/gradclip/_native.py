@@ -16,7 +16,8 @@ kernels release the GIL, so the NumPy path's threads run them side by side.
   size, ``y`` may be ``x``; ``s`` a float32 value.
 * ``lib.sumsq_table(addresses, counts, itemsize)`` and ``lib.scale_table(addresses,
   counts, itemsize, s)``: the same over a table of raw addresses (int64 arrays) of
-  bfloat16 (``itemsize`` 2) or float32 (4) memory, for torch tensors.
+  bfloat16 (``itemsize`` 2) or float32 (4) memory: many arrays or tensors in a call
+  (``gradclip._fast_numpy.run_native`` makes them, a bounded table at a time).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BF16", "DTYPES", "lib", "scale", "sumsq"]
+__all__ = ["BF16", "DTYPES", "address", "lib", "scale", "sumsq"]
 
 
 def _load() -> Any:
@@ -63,3 +64,8 @@ def sumsq(x: np.ndarray) -> float:
 
 def scale(x: np.ndarray, y: np.ndarray, s: float) -> None:
     lib.scale(_buffer(x), _buffer(y), s)
+
+
+def address(x: np.ndarray) -> int:
+    """The data address of a C-contiguous bfloat16 or float32 array."""
+    return lib.address(_buffer(x))
