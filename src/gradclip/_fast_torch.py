@@ -221,7 +221,7 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
     nbuf = _cat_size(tree)
     leaves, total = tree.leaves, 0.0
     if _native_wanted(tree, acc, _dtypes(tree), sizes):  # the C kernels (float32 lanes)
-        groups, rest = _native_groups(leaves, sizes, nbuf // 4)
+        groups, rest = _native_groups(leaves)
         for xs in groups.values():
             total += sum(_run_native(xs, _native.lib.sumsq_table))
         if len(rest) < len(leaves):
@@ -296,28 +296,18 @@ def _widened_mul_(
 _NATIVE = {torch.bfloat16: 2, torch.float32: 4}  # dtypes of the C kernels: item sizes
 
 
-def _native_groups(
-    xs: Sequence[torch.Tensor], sizes: Sequence[int], small: int
-) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
-    """The contiguous bfloat16 tensors of ``xs``, and the contiguous float32 ones of
-    more than ``small`` elements, by dtype, for the C kernels
-    (:func:`gradclip._fast_numpy.run_native`), and the indices of the others (small
-    float32 tensors are faster concatenated, or by ``torch._foreach_mul_``). Tensors
-    that all go (the common case) stay the sequence they are."""
+def _native_groups(xs: Sequence[torch.Tensor]) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
+    """The contiguous float32 and bfloat16 tensors of ``xs`` by dtype, for the C
+    kernels (:func:`gradclip._fast_numpy.run_native`), and the indices of the others.
+    Tensors that all go (the common case) stay the sequence they are."""
     first = xs[0].dtype
-    if (
-        first in _NATIVE
-        and all(x.dtype == first for x in xs)
-        and (first == torch.bfloat16 or min(sizes) > small)
-        and all(map(_CONTIGUOUS, xs))
-    ):
+    if first in _NATIVE and all(x.dtype == first for x in xs) and all(map(_CONTIGUOUS, xs)):
         return {first: xs}, ()
     found: dict[Any, list[torch.Tensor]] = {}
     rest: list[int] = []
-    for i, (x, n) in enumerate(zip(xs, sizes)):
-        dt = x.dtype
-        if dt in _NATIVE and (dt == torch.bfloat16 or n > small) and x.is_contiguous():
-            found.setdefault(dt, []).append(x)
+    for i, x in enumerate(xs):
+        if x.dtype in _NATIVE and x.is_contiguous():
+            found.setdefault(x.dtype, []).append(x)
         else:
             rest.append(i)
     return found, rest
@@ -327,8 +317,11 @@ _CONTIGUOUS = torch.Tensor.is_contiguous
 
 
 def _native_wanted(tree: _tree.Tree, acc: Any, dtypes: Any, sizes: Sequence[int]) -> bool:
-    """Whether :func:`_native_groups` of tensors of ``dtypes`` (``sizes`` elements)
-    may find any, in a float32 accumulation (or scale: the kernels' float32 lanes)."""
+    """Whether tensors of ``dtypes`` (``sizes`` elements) go to the C kernels, in a
+    float32 accumulation (or scale: the kernels' float32 lanes): bfloat16 ones always,
+    float32 ones unless all are small (then torch's concatenated path is faster, and
+    it runs no NumPy thread). Small and large ones together all go: a torch op on the
+    small ones would leave torch's OpenMP workers spinning beside NumPy's threads."""
     if _native.lib is None or acc != torch.float32 or not dtypes & _NATIVE.keys():
         return False
     return torch.bfloat16 in dtypes or max(sizes) > _cat_size(tree) // 4
@@ -484,7 +477,7 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
                 sizes = [sizes[i] for i in idx] if sizes else []
             if sizes and _native_wanted(tree, s.dtype, {dtype}, sizes):
                 # the C kernel on NumPy's threads (the float32 product, rounded once)
-                by_dtype, rest = _native_groups(xs, sizes, _cat_size(tree) // 4)
+                by_dtype, rest = _native_groups(xs)
                 for ys in by_dtype.values():
                     _run_native(ys, _native.lib.scale_table, float(s))
                 if rest:
