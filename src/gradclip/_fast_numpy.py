@@ -263,6 +263,25 @@ def _native_groups(
     return found, rest
 
 
+def _native_run_groups(
+    arrays: Sequence[np.ndarray],
+    size: int,
+    kernel: str,
+    args: Callable[[np.dtype], tuple[Any, ...]] = lambda dt: (),
+    dtypes: Iterable[Any] | None = None,
+) -> tuple[list[Any], Sequence[np.ndarray]]:
+    """:func:`run_native` of the C kernel ``kernel`` (``*args(dtype)``) over each group
+    of :func:`_native_groups` (``size``: the elements of ``arrays``): the results, and
+    the arrays left to the other paths."""
+    groups, rest = _native_groups(arrays, dtypes)
+    out: list[Any] = []
+    for dt, xs in groups.items():
+        n = size if not rest and len(groups) == 1 else sum(x.size for x in xs)
+        call = getattr(_native.lib, kernel)
+        out += run_native(xs, _native.address, n, call, dt.itemsize, *args(dt))
+    return out, rest
+
+
 def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
     """``c`` (a chunk) in pieces of at most ``n`` elements (1-D where ``c`` is)."""
     if c.size <= n:
@@ -501,10 +520,8 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
     acc = np.dtype(acc)
     total = 0.0
     if acc == np.float32:  # the C kernels take the contiguous float32/bfloat16 arrays
-        groups, arrays = _native_groups(arrays)
-        for dt, xs in groups.items():
-            n = size if not arrays and len(groups) == 1 else sum(x.size for x in xs)
-            total += sum(run_native(xs, _native.address, n, _native.lib.sumsq_table, dt.itemsize))
+        parts, arrays = _native_run_groups(arrays, size, "sumsq_table")
+        total = sum(parts)
         if not arrays:
             return total
         size = sum(x.size for x in arrays)
@@ -589,11 +606,9 @@ def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any
     if not outs:
         # the C kernels multiply in float32: the arrays whose factor is float32
         f32 = [dt for dt, f in factors.items() if f.dtype == np.float32]
-        groups, arrays = _native_groups(arrays, f32)
-        for dt, xs in groups.items():
-            n = size if not arrays and len(groups) == 1 else sum(x.size for x in xs)
-            s = float(factors[dt])
-            run_native(xs, _native.address, n, _native.lib.scale_table, dt.itemsize, s)
+        _, arrays = _native_run_groups(
+            arrays, size, "scale_table", lambda dt: (float(factors[dt]),), f32
+        )
         if arrays:
             size = sum(x.size for x in arrays)
             _run(arrays, lambda ts: _scale_work(((c, c) for c in ts), factors), size)

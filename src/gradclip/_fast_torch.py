@@ -284,7 +284,9 @@ def _widened_mul_(
     if len(large) < len(xs):
         skip = set(large)
         torch._foreach_mul_([x for i, x in enumerate(xs) if i not in skip] if skip else xs, s)
-    buf = torch.empty(nbuf if large else 0, dtype=torch.float32)
+    if not large:
+        return
+    buf = torch.empty(nbuf, dtype=torch.float32)
     for i in large:
         for piece in torch.split(xs[i].view(-1), nbuf):
             b = buf[: piece.numel()]
