@@ -240,27 +240,28 @@ def run_native(
     return [r for part in parts for r in part]
 
 
-def _native_groups(
-    arrays: Sequence[np.ndarray], dtypes: Iterable[Any] | None = None
-) -> tuple[dict[np.dtype, Sequence[np.ndarray]], Sequence[np.ndarray]]:
-    """The C-contiguous arrays of ``dtypes`` (of the C kernels' dtypes; all of them
-    by default) by dtype, for :func:`run_native`, and the other arrays; nothing when
-    the kernels are not built. Arrays of one such dtype (the common case) stay the
-    sequence they are: no list with an entry per array."""
-    kinds = _native.DTYPES if dtypes is None else set(dtypes) & _native.DTYPES
-    if _native.lib is None or not kinds or not arrays:
-        return {}, arrays
-    first = arrays[0].dtype
-    if first in kinds and all(x.dtype == first and x.flags.c_contiguous for x in arrays):
-        return {first: arrays}, ()
-    found: dict[np.dtype, list[np.ndarray]] = {}
-    rest: list[np.ndarray] = []
-    for x in arrays:
-        if x.dtype in kinds and x.flags.c_contiguous:
+def native_groups(
+    items: Sequence[Any], kinds: Any, contiguous: Callable[[Any], bool]
+) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
+    """The ``contiguous`` items (arrays or tensors) whose dtype is in ``kinds`` (of the
+    C kernels' dtypes) by dtype, for :func:`run_native`, and the indices of the
+    others. Items that all go (the common case) stay the sequence they are: no list
+    with an entry per item."""
+    first = items[0].dtype
+    if first in kinds and all(x.dtype == first for x in items) and all(map(contiguous, items)):
+        return {first: items}, ()
+    found: dict[Any, list[Any]] = {}
+    rest: list[int] = []
+    for i, x in enumerate(items):
+        if x.dtype in kinds and contiguous(x):
             found.setdefault(x.dtype, []).append(x)
         else:
-            rest.append(x)
+            rest.append(i)
     return found, rest
+
+
+def _c_contiguous(x: np.ndarray) -> bool:
+    return x.flags.c_contiguous
 
 
 def _native_run_groups(
@@ -271,15 +272,19 @@ def _native_run_groups(
     dtypes: Iterable[Any] | None = None,
 ) -> tuple[list[Any], Sequence[np.ndarray]]:
     """:func:`run_native` of the C kernel ``kernel`` (``*args(dtype)``) over each group
-    of :func:`_native_groups` (``size``: the elements of ``arrays``): the results, and
-    the arrays left to the other paths."""
-    groups, rest = _native_groups(arrays, dtypes)
+    of :func:`native_groups` of ``arrays`` of ``dtypes`` (of the kernels' dtypes; all
+    of them by default; ``size``: the elements of ``arrays``): the results, and the
+    arrays left to the other paths (all of them when the kernels are not built)."""
+    kinds = _native.DTYPES if dtypes is None else set(dtypes) & _native.DTYPES
+    if _native.lib is None or not kinds or not arrays:
+        return [], arrays
+    groups, rest = native_groups(arrays, kinds, _c_contiguous)
     out: list[Any] = []
     for dt, xs in groups.items():
         n = size if not rest and len(groups) == 1 else sum(x.size for x in xs)
         call = getattr(_native.lib, kernel)
         out += run_native(xs, _native.address, n, call, dt.itemsize, *args(dt))
-    return out, rest
+    return out, [arrays[i] for i in rest]
 
 
 def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
@@ -576,12 +581,11 @@ def _scale_work(ts: Iterable[tuple[np.ndarray, np.ndarray]], factors: dict) -> N
     multiply = np.multiply
     # the C kernel multiplies in float32: for float32 factors (of 16-bit and float32
     # leaves), where NumPy's product is the same float32 product rounded once
+    use = _native.lib is not None
     native = {
-        dt: float(s) if s.dtype == np.float32 and dt in _native.DTYPES else None
+        dt: float(s) if use and s.dtype == np.float32 and dt in _native.DTYPES else None
         for dt, s in factors.items()
     }
-    if _native.lib is None:
-        native = dict.fromkeys(native)
     old = np.setbufsize(UFUNC_BUFFER)
     try:
         for a, b in ts:

@@ -300,22 +300,8 @@ _NATIVE = {torch.bfloat16: 2, torch.float32: 4}  # dtypes of the C kernels: item
 
 def _native_groups(xs: Sequence[torch.Tensor]) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
     """The contiguous float32 and bfloat16 tensors of ``xs`` by dtype, for the C
-    kernels (:func:`gradclip._fast_numpy.run_native`), and the indices of the others.
-    Tensors that all go (the common case) stay the sequence they are."""
-    first = xs[0].dtype
-    if first in _NATIVE and all(x.dtype == first for x in xs) and all(map(_CONTIGUOUS, xs)):
-        return {first: xs}, ()
-    found: dict[Any, list[torch.Tensor]] = {}
-    rest: list[int] = []
-    for i, x in enumerate(xs):
-        if x.dtype in _NATIVE and x.is_contiguous():
-            found.setdefault(x.dtype, []).append(x)
-        else:
-            rest.append(i)
-    return found, rest
-
-
-_CONTIGUOUS = torch.Tensor.is_contiguous
+    kernels, and the indices of the others."""
+    return _fast_numpy.native_groups(xs, _NATIVE, torch.Tensor.is_contiguous)
 
 
 def _native_wanted(tree: _tree.Tree, acc: Any, dtypes: Any, sizes: Sequence[int]) -> bool:
@@ -474,9 +460,9 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
                 # torch's fused CUDA kernels read a tensor scale in the leaves' dtype
                 # (another dtype takes a slow loop that rounds it all the same)
                 s = s.to(dtype)
-            sizes = _sizes(tree) if inplace and host else []
-            if len(groups) > 1:
-                sizes = [sizes[i] for i in idx] if sizes else []
+            sizes: Sequence[int] = []
+            if inplace and host:
+                sizes = _sizes(tree) if len(groups) == 1 else [_sizes(tree)[i] for i in idx]
             if sizes and _native_wanted(tree, s.dtype, {dtype}, sizes):
                 # the C kernel on NumPy's threads (the float32 product, rounded once)
                 by_dtype, rest = _native_groups(xs)

@@ -225,9 +225,14 @@ static PyObject *py_scale(PyObject *self, PyObject *const *args, Py_ssize_t narg
 }
 
 /* A table of (address, count) pairs: two int64 buffers of one length, and an item size
- * (2: bfloat16, 4: float32). */
-static int get_table(PyObject *const *args, Py_buffer *ptrs, Py_buffer *counts,
+ * (2: bfloat16, 4: float32): the first three of the nargs arguments, of want. */
+static int get_table(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                     const char *signature, Py_buffer *ptrs, Py_buffer *counts,
                      Py_ssize_t *itemsize) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s: %zd arguments", signature, want);
+        return -1;
+    }
     *itemsize = PyLong_AsSsize_t(args[2]);
     if (*itemsize == -1 && PyErr_Occurred()) return -1;
     if (*itemsize != 2 && *itemsize != 4) {
@@ -251,11 +256,9 @@ static int get_table(PyObject *const *args, Py_buffer *ptrs, Py_buffer *counts,
 static PyObject *py_sumsq_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer ptrs, counts;
     Py_ssize_t size;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "sumsq_table(ptrs, counts, itemsize): 3 arguments");
+    if (get_table(args, nargs, 3, "sumsq_table(ptrs, counts, itemsize)", &ptrs, &counts,
+                  &size) < 0)
         return NULL;
-    }
-    if (get_table(args, &ptrs, &counts, &size) < 0) return NULL;
     const int64_t *p = (const int64_t *)ptrs.buf, *c = (const int64_t *)counts.buf;
     Py_ssize_t n = ptrs.len / 8;
     double total = 0.0;
@@ -269,13 +272,15 @@ static PyObject *py_sumsq_table(PyObject *self, PyObject *const *args, Py_ssize_
 static PyObject *py_scale_table(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer ptrs, counts;
     Py_ssize_t size;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "scale_table(ptrs, counts, itemsize, s): 4 arguments");
+    if (get_table(args, nargs, 4, "scale_table(ptrs, counts, itemsize, s)", &ptrs, &counts,
+                  &size) < 0)
+        return NULL;
+    double s = PyFloat_AsDouble(args[3]);
+    if (s == -1.0 && PyErr_Occurred()) {
+        PyBuffer_Release(&ptrs);
+        PyBuffer_Release(&counts);
         return NULL;
     }
-    double s = PyFloat_AsDouble(args[3]);
-    if (s == -1.0 && PyErr_Occurred()) return NULL;
-    if (get_table(args, &ptrs, &counts, &size) < 0) return NULL;
     const int64_t *p = (const int64_t *)ptrs.buf, *c = (const int64_t *)counts.buf;
     Py_ssize_t n = ptrs.len / 8;
     Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++) {

@@ -55,13 +55,13 @@ class Tree:
 
 
 # (weak reference to the last tree asked about, {what: value}): a call's norm and its
-# scaling both ask a fast path for facts of the same tree (its kind, groups, tables)
+# scaling both ask a fast path for facts of the same tree (its kind, groups, sizes)
 _last: tuple[Any, dict[str, Any]] = (lambda: None, {})
 
 
 def _forget(ref: Any) -> None:
     global _last
-    if _last[0] is ref:  # what was found goes with the tree (views hold memory)
+    if _last[0] is ref:  # what was found goes with the tree, not with the next call
         _last = (lambda: None, {})
 
 
