@@ -37,6 +37,14 @@ def timed(fn, n=20):
 def main() -> None:
     for name, dtype in (("gpt2-small", torch.float32), ("resnet-50", torch.bfloat16)):
         profile(name, dtype)
+    for name, dtype in (
+        ("gpt2-small", "float32"),
+        ("resnet-50", "bfloat16"),
+        ("2000x256", "float32"),
+    ):
+        profile_jax(name, dtype)
+    for name in ("gpt2-small", "2000x256"):
+        profile_cupy(name)
 
 
 def profile(name: str, dtype: torch.dtype) -> None:
@@ -69,6 +77,75 @@ def profile(name: str, dtype: torch.dtype) -> None:
     print(
         prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60)
     )
+
+
+def profile_jax(name: str, dtype: str) -> None:
+    """Jitted norms and clips on the GPU: the ladder (what gradclip runs there) against
+    the ``lax.cond`` guard (what it runs on the CPU), one variadic reduction instead of
+    one reduction per rung, the plain sum, and optax."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from gradclip import _fast_jax, _tree
+
+    g = [jnp.asarray(torch.randn(s).numpy()).astype(dtype) for s in shapes.SETS[name]()]
+
+    def variadic(parts):
+        acc = _fast_jax._acc(parts)
+        lo, ks = _fast_jax._LADDER[acc]
+        zero = jnp.zeros((), acc)
+
+        def one(x):
+            x = x.reshape(-1).astype(acc)
+            ops = tuple(jnp.square(x * acc.type(2.0**k)) for k in ks)
+            return jax.lax.reduce(
+                ops, (zero,) * len(ks), lambda a, b: tuple(u + v for u, v in zip(a, b)), (0,)
+            )
+
+        sums = [sum(t) for t in zip(*map(one, parts))]
+        norm = jnp.sqrt(sums[0])
+        for s, k in reversed(list(zip(sums, ks))):
+            good = jnp.isfinite(s) & (s >= lo)
+            norm = jnp.where(good, jnp.sqrt(s) * acc.type(2.0**-k), norm)
+        return norm
+
+    def on_parts(fn):
+        return jax.jit(lambda g: fn(_fast_jax.parts(_tree.flatten(g))))
+
+    clip = optax.clip_by_global_norm(1.0)
+    rows = {
+        "gradclip global_norm (ladder)": jax.jit(gc.global_norm),
+        "guarded_norm (lax.cond)": on_parts(_fast_jax.guarded_norm),
+        "ladder, one variadic reduce per part": on_parts(variadic),
+        "plain sum of squares": jax.jit(
+            lambda g: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in g))
+        ),
+        "optax.global_norm": jax.jit(optax.global_norm),
+        "gradclip clip_by_global_norm": jax.jit(lambda g: gc.clip_by_global_norm(g, 1.0)),
+        "optax clip_by_global_norm": jax.jit(lambda g: clip.update(g, None)[0]),
+        "multiply only": jax.jit(lambda g: [x * jnp.asarray(0.5, x.dtype) for x in g]),
+    }
+    print(f"\njax {name} {dtype}: {len(g)} leaves")
+    for label, fn in rows.items():
+        print(f"  {label:<48}{timed(lambda fn=fn: jax.block_until_ready(fn(g))):8.3f} ms")
+
+
+def profile_cupy(name: str) -> None:
+    """Where the host time of a CuPy in-place clip goes (cProfile, 50 calls)."""
+    import cProfile
+    import pstats
+
+    import cupy as cp
+
+    xs = [cp.asarray(torch.randn(s).numpy()) for s in shapes.SETS[name]()]
+    call = lambda: gc.clip_by_global_norm_(xs, 1e30)  # noqa: E731
+    print(f"\ncupy {name}: {timed(call):.3f} ms a call")
+    with cProfile.Profile() as prof:
+        for _ in range(50):
+            call()
+        cp.cuda.Device().synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ The 1e8-element accuracy bound is tested with fast paths on in test_norms.py.
 from __future__ import annotations
 
 import math
+import re
 import tracemalloc
 
 import numpy as np
@@ -580,6 +581,95 @@ def test_jax_traced_multiply_reads_the_leaves_behind_a_barrier(nonfinite):
     assert float(n) == pytest.approx(float(rn), rel=ULPS * 2.0**-23)
     for a, b in zip(out, ref):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# -- JAX: the branch-free norm of accelerators, run on the CPU --------------------------------
+
+LADDER_CASES = {
+    "normal": [np.linspace(-3, 3, 1001), np.arange(70_000) / 7e4],
+    "1e30": [np.full(100, 1e30), np.ones(10)],  # squares overflow float32
+    "3e38": [np.full(100, 3e38)],  # the norm itself overflows: inf
+    "1e19 and 1": [np.array([1e19, -2e19]), np.ones(5000)],
+    "1e-30": [np.full(100, 1e-30), np.full(3, 2e-31)],  # squares underflow
+    "1e-20": [np.full(100, 1e-20)],
+    "1e-36 and 1e-44": [np.array([1e-36, -3e-37]), np.full(7, 1e-44)],
+    "zero": [np.zeros(10)],
+    "inf": [np.array([1.0, -np.inf])],
+    "nan": [np.array([1.0, np.nan, np.inf])],
+}
+
+
+def _ladder_ref(leaves):
+    """math.fsum in float64, then rounded to float32 (inf where it overflows), with
+    the subnormals that XLA's CPU flushes to zero left out."""
+    xs = np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+    if not np.isfinite(xs).all():
+        return float(np.sqrt(np.sum(xs * xs)))
+    xs = xs[np.abs(xs) >= np.finfo(np.float32).tiny]
+    with np.errstate(over="ignore"):
+        return float(np.float32(math.sqrt(math.fsum(xs * xs))))
+
+
+@pytest.mark.parametrize("case", list(LADDER_CASES))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_ladder_norm_matches_the_exact_norm(case, dtype):
+    """The GPU's branch-free norm (every rung of the ladder is used by some case)
+    against the float64 sum, and against the core: to a few float32 ulps."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from gradclip import _fast_jax
+
+    leaves = [jnp.asarray(np.asarray(x, np.float32)).astype(dtype) for x in LADDER_CASES[case]]
+    parts = [x.astype(jnp.float32).reshape(-1) for x in leaves]
+    got = float(jax.jit(_fast_jax.ladder_norm)(parts))
+    want = _ladder_ref(leaves)
+    with _backends.fast_paths(False):
+        core = float(gc.global_norm(leaves))
+    for ref in (want, core):
+        if math.isfinite(ref) and ref > 0:
+            assert got == pytest.approx(ref, rel=ULPS * 2.0**-23, abs=0)
+        else:
+            assert got == ref or (math.isnan(got) and math.isnan(ref))
+
+
+def test_jax_ladder_norm_derivatives():
+    """``x / |x|``, also where unused rungs overflow (1e30) or underflow (1), 0 at 0;
+    ``vmap`` gives each row's norm."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from gradclip import _fast_jax
+
+    for x in (jnp.linspace(-2.0, 3.0, 50), jnp.full(4, 1e30), jnp.full(4, 1e-30)):
+        (g,) = jax.grad(_fast_jax.ladder_norm)([x])
+        ref = np.asarray(x, np.float64) / np.linalg.norm(np.asarray(x, np.float64))
+        np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-6)
+    (g,) = jax.grad(_fast_jax.ladder_norm)([jnp.zeros(3)])
+    np.testing.assert_array_equal(np.asarray(g), np.zeros(3))
+    rows = np.random.default_rng(0).standard_normal((5, 9)).astype(np.float32)
+    got = jax.vmap(lambda r: _fast_jax.ladder_norm([r]))(jnp.asarray(rows))
+    np.testing.assert_allclose(np.asarray(got), np.linalg.norm(rows, axis=1), rtol=1e-6)
+
+
+def test_jax_traced_norm_is_branch_free_off_the_cpu():
+    """Lowered for CUDA (no GPU needed), a jitted clip holds the ladder and not the
+    ``lax.cond`` guard, whose predicate XLA's GPU backend would read on the host; for
+    the CPU, the guard."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    g = [jnp.ones((300, 300), jnp.float32), jnp.ones(10, jnp.bfloat16)]
+    fn = jax.jit(lambda g: gc.clip_by_global_norm(g, 1.0))
+
+    def constants(platform):
+        text = jax.export.export(fn, platforms=[platform])(g).mlir_module()
+        found = re.findall(r"dense<([-+.0-9Ee]+)> : tensor<f32>", text)
+        return {float(np.float32(v)) for v in found}  # printed with 9 digits
+
+    rung, guard = 2.0**80, 2.0**120  # a factor of the ladder, the guard's upper bound
+    assert rung in constants("cuda") and guard not in constants("cuda")
+    assert guard in constants("cpu") and rung not in constants("cpu")
 
 
 # -- CuPy: the planning and the kernel's arithmetic, on the CPU --------------------------------

@@ -121,7 +121,9 @@ def adaptive_grad_clip(
         c = _checks.scalar_or_array(xp, clipping, g_norm.dtype, _compat.device(g_norm))
         max_norm = c * xp.maximum(w_norm, xp.asarray(eps, dtype=g_norm.dtype))
         guard = xp.maximum(g_norm, xp.asarray(_DIV_EPS, dtype=g_norm.dtype))
-        scale = xp.where(g_norm > max_norm, max_norm / guard, xp.ones_like(g_norm))
+        scale = xp.where(
+            g_norm > max_norm, _norms.divide(xp, max_norm, guard), xp.ones_like(g_norm)
+        )
         out.append(_compat.as_array(xp, _scaled(gtree, g, _cast(gtree, {}, scale, g))))
     return gtree.unflatten(out)
 

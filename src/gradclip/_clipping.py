@@ -33,7 +33,7 @@ def clip_scale(norm: Any, max_norm: Any, eps: float = 0.0) -> Any:
     den = norm + eps if eps else norm
     keep = den <= max_norm  # False for NaN
     one = xp.ones_like(den)
-    return xp.where(keep, one, max_norm / xp.where(keep, one, den))
+    return xp.where(keep, one, _norms.divide(xp, max_norm, xp.where(keep, one, den)))
 
 
 def clip_by_global_norm(

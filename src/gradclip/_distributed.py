@@ -119,7 +119,7 @@ def _reduce_norm(
     if math.isinf(p):
         norm = big
     else:
-        r = local / _norms._safe_scale(xp, big)
+        r = _norms.divide(xp, local, _norms._safe_scale(xp, big))
         norm = _norms._scaled_root(
             xp, big, reduce_sum(r * r if p == 2 else r if p == 1 else xp.pow(r, p)), p
         )

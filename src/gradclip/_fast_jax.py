@@ -1,12 +1,18 @@
-"""JAX fast path: a one-read norm guarded by ``lax.cond``, and compiled eager calls.
+"""JAX fast path: a one-read norm inside traces, and compiled eager calls.
 
-* Inside a trace (``jax.jit``, ``grad``, ...) the 2-norm is first taken as the plain
-  sum of squares in the accumulation dtype (one fused read per leaf, what optax does).
-  When that sum lies well inside the dtype's range, nothing was lost to overflow or
-  underflow and its square root is the norm to a few ulps; otherwise (an inf or NaN,
-  values near 1e19 in float32, tiny or zero gradients) ``lax.cond`` runs the core's
-  scaled computation instead. Only the taken branch runs, on the device, with no host
-  read.
+* Inside a trace (``jax.jit``, ``grad``, ...) the 2-norm reads each leaf once.
+
+  - On the CPU it is first taken as the plain sum of squares in the accumulation
+    dtype (what optax does). When that sum lies well inside the dtype's range,
+    nothing was lost to overflow or underflow and its square root is the norm to a
+    few ulps; otherwise (an inf or NaN, values near 1e19 in float32, tiny or zero
+    gradients) ``lax.cond`` runs the core's scaled computation instead, on the device.
+  - On a GPU (and any other accelerator) XLA reads a ``lax.cond``'s predicate on the
+    host: one device-to-host round trip per call. There the same read gives the sums
+    of squares at a few power-of-two scales at once (:func:`ladder_norm`); for any
+    finite input one of them neither overflowed nor lost anything to underflow, and
+    ``jnp.where`` picks it. No branch, no host read.
+
 * Eager calls on concrete arrays run one compiled function per (p, eps, nonfinite)
   whose executables ``jax.jit`` caches per tree structure, shapes and dtypes, so an
   eager ``clip_by_global_norm`` costs one dispatch instead of a few per leaf.
@@ -55,21 +61,79 @@ def traced_norm(tree: _tree.Tree, p: float) -> Any:
     """The global norm of a (traced or concrete) tree, to a few ulps of the core."""
     if p != 2:
         return _core_norm(tree, p)
+    return jax.lax.platform_dependent(parts(tree), cpu=guarded_norm, default=ladder_norm)
+
+
+def parts(tree: _tree.Tree) -> list[Any]:
+    """The large leaves, and the small ones concatenated into one (in the accumulation
+    dtype). The large ones are widened inside the reductions: a cast here would be a
+    copy of each leaf for ``lax.cond``'s operands."""
     acc = jnp.dtype(tree.acc_dtype)
     small = [x.astype(acc).reshape(-1) for x in tree.leaves if x.size <= SMALL]
-    parts = [x for x in tree.leaves if x.size > SMALL]
+    out = [x for x in tree.leaves if x.size > SMALL]
     if small:
-        parts.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+        out.append(jnp.concatenate(small) if len(small) > 1 else small[0])
+    return out
+
+
+def _acc(parts: list[Any]) -> Any:
+    return jnp.dtype(jnp.result_type(jnp.float32, *(x.dtype for x in parts)))
+
+
+def guarded_norm(parts: list[Any]) -> Any:
+    """The 2-norm of ``parts``: the plain sum of squares, or the core where that may
+    have lost something."""
+    acc = _acc(parts)
     fast = sum(jnp.sum(jnp.square(x.astype(acc))) for x in parts)
     lo, hi = _BOUNDS[acc]
     ok = (fast >= lo) & (fast <= hi)  # False for inf and NaN
 
     def exact(parts: list[Any]) -> Any:
         # the core on the same elements, only when the sum may have lost something
-        return _core_norm(_tree.flatten(parts), p)
+        return _core_norm(_tree.flatten(parts), 2)
 
     # the parts as explicit operands: few (one for all the small leaves), not one per leaf
     return jax.lax.cond(ok, lambda parts: jnp.sqrt(fast), exact, parts)
+
+
+# (smallest sum that lost nothing to underflow, the powers of two of the ladder: each one
+# a normal number, since XLA folds two multiplications by constants into one)
+_LADDER = {
+    jnp.dtype(jnp.float32): (2.0**-60, (0, -80, 80, 126)),
+    jnp.dtype(jnp.float64): (2.0**-900, (0, -640, 640)),
+}
+
+
+@jax.custom_jvp
+def ladder_norm(parts: list[Any]) -> Any:
+    """The 2-norm of ``parts`` (arrays of the accumulation dtype) without a branch.
+
+    One read gives the sum of squares of ``x * 2**k`` for each ``k`` of the ladder
+    (float32: 0, -80, 80, 126). A sum that is finite overflowed nowhere, and one of at
+    least 2**-60 lost at most ``n * 2**-126`` to underflow, so any such sum is the
+    square of ``norm * 2**k`` to the accuracy of the plain sum; the first one is
+    taken. For every finite input one of them is (huge values need ``k = -80``, tiny
+    ones 80 or 126); when none is (zeros, inf, NaN) the plain sum is the answer.
+    """
+    acc = _acc(parts)
+    lo, ks = _LADDER[acc]
+    sums = [sum(jnp.sum(jnp.square(x.astype(acc) * acc.type(2.0**k))) for x in parts) for k in ks]
+    norm = jnp.sqrt(sums[0])  # zeros, inf, NaN
+    for s, k in reversed(list(zip(sums, ks))):  # the first good one wins
+        good = jnp.isfinite(s) & (s >= lo)
+        norm = jnp.where(good, jnp.sqrt(s) * acc.type(2.0**-k), norm)
+    return norm
+
+
+@ladder_norm.defjvp
+def _ladder_norm_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+    # d|x| = <x, dx> / |x|: written out, since the unused rungs' overflowed squares
+    # would give inf * 0 = NaN in an automatic derivative
+    (parts,), (dparts,) = primals, tangents
+    norm = ladder_norm(parts)
+    acc = _acc(parts)
+    dot = sum(jnp.vdot(x.astype(acc), dx.astype(acc)) for x, dx in zip(parts, dparts))
+    return norm, dot / jnp.where(norm > 0, norm, jnp.ones_like(norm))
 
 
 def barrier(tree: _tree.Tree) -> _tree.Tree:

@@ -559,7 +559,8 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
 
             with _backends.fast_paths(False):
                 return _norms.tree_norm(tree, p)
-        return np.asarray(norm_of_arrays(tree.leaves, p, tree.acc_dtype), dtype=tree.acc_dtype)
+        with np.errstate(over="ignore"):  # a float32 norm beyond 3.4e38 is inf
+            return np.asarray(norm_of_arrays(tree.leaves, p, tree.acc_dtype), dtype=tree.acc_dtype)
 
     return norm
 

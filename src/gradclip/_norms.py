@@ -149,11 +149,23 @@ def _leaf_terms(
     d = _safe_scale(xp, m)
     if p == 2 and _tree.dtype_kind(xp, x.dtype) != "complex":
         # the same squares from x itself: XLA then need not keep |x| for a second pass
-        y = (x if x.dtype == acc else xp.astype(x, acc)) / d
+        y = divide(xp, x if x.dtype == acc else xp.astype(x, acc), d)
     else:
-        y = a / d
+        y = divide(xp, a, d)
     s = xp.sum(y * y if p == 2 else y if p == 1 else xp.pow(y, p), axis=axis, keepdims=keep)
     return _to_common_device(tree, m), _to_common_device(tree, s)
+
+
+def divide(xp: Any, x: Any, d: Any) -> Any:
+    """``x / d`` for an array ``d >= 0``, right also where XLA multiplies by ``1 / d``.
+
+    XLA rewrites a division by a broadcast value as a multiplication by its
+    reciprocal, and flushes that to zero when it is subnormal (``d > 2**126`` in
+    float32): ``x / d`` would be 0. Beyond ``finfo.max / 16`` both sides are first
+    multiplied by ``2**-64`` (exact: what it flushes is below the result's range).
+    """
+    c = xp.where(d > xp.finfo(d.dtype).max / 16, xp.full_like(d, 2.0**-64), xp.ones_like(d))
+    return (x * c) / (d * c)
 
 
 def _safe_scale(xp: Any, m: Any) -> Any:
@@ -183,7 +195,7 @@ def _combine(tree: _tree.Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
     scale = _safe_scale(xp, big)
     # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale); an
     # inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
-    r = xp.where(ms > 0, _safe_scale(xp, ms), xp.zeros_like(ms)) / scale
+    r = divide(xp, xp.where(ms > 0, _safe_scale(xp, ms), xp.zeros_like(ms)), scale)
     weight = r * r if p == 2 else r if p == 1 else xp.pow(r, p)
     return _scaled_root(xp, scale, xp.sum(weight * ss, axis=0), p)
 
