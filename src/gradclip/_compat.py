@@ -19,6 +19,7 @@ from array_api_compat import (
     is_cupy_array,
     is_dask_array,
     is_jax_array,
+    is_jax_namespace,
     is_numpy_array,
     is_torch_array,
     is_torch_namespace,
@@ -37,6 +38,7 @@ __all__ = [
     "is_cupy_array",
     "is_dask_array",
     "is_jax_array",
+    "is_jax_namespace",
     "is_lazy",
     "is_numpy_array",
     "is_torch_array",
@@ -116,6 +118,8 @@ def first_unwritable(
     if is_numpy_array(x) and len(set(map(type, leaves))) == 1:
         if all(map(_WRITEABLE, leaves)):  # map: no list of 1000s of flags
             return None
+    elif is_cupy_array(x) and len(set(map(type, leaves))) == 1:
+        return None  # CuPy arrays are always writable
     elif (
         is_torch_array(x)
         and not _torch_compiling()

@@ -24,6 +24,7 @@ and checked against the core on a GPU (``tests/test_gpu.py``).
 from __future__ import annotations
 
 import math
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -226,6 +227,9 @@ def combine(xp: Any, ms: Any, ss: Any, p: float) -> Any:
 
 # -- on the GPU -------------------------------------------------------------------------------
 
+_DTYPE = operator.attrgetter("dtype")
+_CONTIGUOUS = operator.attrgetter("flags.c_contiguous")
+_DEVICE_ID = operator.attrgetter("device.id")
 _kernels: dict[tuple[str, str], Any] = {}
 _tables: OrderedDict[tuple[Any, ...], Any] = OrderedDict()  # the last few trees' tables
 TABLES = 8
@@ -269,11 +273,12 @@ def _find_launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
     leaves = tree.leaves
     ptrs = [x.data.ptr for x in leaves]
     sizes = [x.size for x in leaves]
-    key = (tuple(x.dtype.name for x in leaves), tuple(ptrs), tuple(sizes), leaves[0].device.id)
+    # dtype objects, not names: NumPy makes each name in Python (3.5 us a leaf)
+    key = (tuple(map(_DTYPE, leaves)), tuple(ptrs), tuple(sizes), leaves[0].device.id)
     found = _tables.get(key)
     if found is None:
         found = []
-        for dt, pl in groups(key[0], sizes).items():
+        for dt, pl in groups([dt.name for dt in key[0]], sizes).items():
             if pl.leaf.size:
                 found.append((dt, pl, cp.asarray(table(pl, [ptrs[i] for i in pl.indices]))))
         _tables[key] = found
@@ -295,10 +300,12 @@ def _qualifies(tree: _tree.Tree) -> bool:
 
 
 def _find_qualifies(tree: _tree.Tree) -> bool:
-    dev = tree.leaves[0].device.id
-    return all(
-        x.dtype.name in _CTYPES and x.flags.c_contiguous and x.device.id == dev
-        for x in tree.leaves
+    leaves = tree.leaves
+    dev = leaves[0].device.id
+    return (
+        all(dt.name in _CTYPES for dt in set(map(_DTYPE, leaves)))
+        and all(map(_CONTIGUOUS, leaves))
+        and all(d == dev for d in map(_DEVICE_ID, leaves))
     )
 
 

@@ -117,7 +117,9 @@ def ladder_norm(parts: list[Any]) -> Any:
     """
     acc = _acc(parts)
     lo, ks = _LADDER[acc]
-    sums = [sum(jnp.sum(jnp.square(x.astype(acc) * acc.type(2.0**k))) for x in parts) for k in ks]
+    # behind a barrier: XLA would fold (x * c)**2 into x**2 * (c * c), which overflows
+    scales = jax.lax.optimization_barrier([jnp.asarray(2.0**k, acc) for k in ks])
+    sums = [sum(jnp.sum(jnp.square(x.astype(acc) * c)) for x in parts) for c in scales]
     norm = jnp.sqrt(sums[0])  # zeros, inf, NaN
     for s, k in reversed(list(zip(sums, ks))):  # the first good one wins
         good = jnp.isfinite(s) & (s >= lo)

@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from . import _backends, _checks, _distributed, _tree
-from ._compat import as_array, is_cupy_array, is_torch_array, to_device
+from ._compat import as_array, is_cupy_array, is_jax_namespace, is_torch_array, to_device
 
 __all__ = ["axis_norms", "example_norms", "global_norm", "leaf_norms", "tree_norm"]
 
@@ -159,11 +159,14 @@ def _leaf_terms(
 def divide(xp: Any, x: Any, d: Any) -> Any:
     """``x / d`` for an array ``d >= 0``, right also where XLA multiplies by ``1 / d``.
 
-    XLA rewrites a division by a broadcast value as a multiplication by its
+    XLA (JAX) rewrites a division by a broadcast value as a multiplication by its
     reciprocal, and flushes that to zero when it is subnormal (``d > 2**126`` in
-    float32): ``x / d`` would be 0. Beyond ``finfo.max / 16`` both sides are first
-    multiplied by ``2**-64`` (exact: what it flushes is below the result's range).
+    float32): ``x / d`` would be 0. There, beyond ``finfo.max / 16``, both sides are
+    first multiplied by ``2**-64`` (exact: what it flushes is below the result's
+    range). Other libraries divide (no extra kernels on a GPU).
     """
+    if not is_jax_namespace(xp):
+        return x / d
     c = xp.where(d > xp.finfo(d.dtype).max / 16, xp.full_like(d, 2.0**-64), xp.ones_like(d))
     return (x * c) / (d * c)
 
