@@ -636,6 +636,36 @@ def test_jax_ladder_norm_matches_the_exact_norm(case, dtype):
             assert got == ref or (math.isnan(got) and math.isnan(ref))
 
 
+@pytest.mark.parametrize("value", [1.5, 1e200, 1e-200, 1e300, 1e-300])
+def test_jax_ladder_norm_in_float64(value):
+    """The float64 rungs (0, -640, 640): squares that overflow or underflow float64."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from gradclip import _fast_jax
+
+    x = np.array([value, -2 * value, value / 3])
+    got = float(jax.jit(_fast_jax.ladder_norm)([jnp.asarray(x, jnp.float64)]))
+    want = value * math.sqrt(1 + 4 + 1 / 9)  # |x| = value * |[1, -2, 1/3]|
+    assert got == pytest.approx(want, rel=4 * 2.0**-52)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_jax_divisions_by_huge_values(fast):
+    """XLA multiplies by ``1 / d``, which flushes to 0 beyond 2**126 in float32: the
+    core's norm of 3e38s was 0, and a clip by a norm of 2e38 zeroed the gradients."""
+    jnp = pytest.importorskip("jax.numpy")
+
+    with _backends.fast_paths(fast):
+        assert float(gc.global_norm([jnp.full(100, 3e38, jnp.float32)])) == math.inf
+        g = [jnp.full(4, 1e38, jnp.float32)]
+        assert float(gc.global_norm(g)) == pytest.approx(2e38, rel=1e-6)
+        out, _ = gc.clip_by_global_norm(g, 1000.0)
+        np.testing.assert_allclose(np.asarray(out[0]), np.full(4, 500.0), rtol=1e-6)
+        (u,) = gc.adaptive_grad_clip(g, [jnp.full(4, 1e4, jnp.float32)], 0.01)
+        np.testing.assert_allclose(np.asarray(u), np.full(4, 100.0), rtol=1e-6)
+
+
 def test_jax_ladder_norm_derivatives():
     """``x / |x|``, also where unused rungs overflow (1e30) or underflow (1), 0 at 0;
     ``vmap`` gives each row's norm."""

@@ -96,8 +96,8 @@ def guarded_norm(parts: list[Any]) -> Any:
     return jax.lax.cond(ok, lambda parts: jnp.sqrt(fast), exact, parts)
 
 
-# (smallest sum that lost nothing to underflow, the powers of two of the ladder: each one
-# a normal number, since XLA folds two multiplications by constants into one)
+# (smallest sum that lost nothing to underflow, the exponents k of the ladder's 2**k, each
+# 2**k and 2**-k a normal number of the dtype)
 _LADDER = {
     jnp.dtype(jnp.float32): (2.0**-60, (0, -80, 80, 126)),
     jnp.dtype(jnp.float64): (2.0**-900, (0, -640, 640)),
@@ -106,7 +106,8 @@ _LADDER = {
 
 @jax.custom_jvp
 def ladder_norm(parts: list[Any]) -> Any:
-    """The 2-norm of ``parts`` (arrays of the accumulation dtype) without a branch.
+    """The 2-norm of ``parts`` (real arrays, accumulated in float32 or float64)
+    without a branch.
 
     One read gives the sum of squares of ``x * 2**k`` for each ``k`` of the ladder
     (float32: 0, -80, 80, 126). A sum that is finite overflowed nowhere, and one of at
