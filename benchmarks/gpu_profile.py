@@ -93,7 +93,7 @@ def profile_jax(name: str, dtype: str) -> None:
 
     def variadic(parts):
         acc = _fast_jax._acc(parts)
-        lo, ks = _fast_jax._LADDER[acc]
+        _, ks = _fast_jax._LADDER[acc]
         zero = jnp.zeros((), acc)
 
         def one(x):
@@ -103,12 +103,7 @@ def profile_jax(name: str, dtype: str) -> None:
                 ops, (zero,) * len(ks), lambda a, b: tuple(u + v for u, v in zip(a, b)), (0,)
             )
 
-        sums = [sum(t) for t in zip(*map(one, parts))]
-        norm = jnp.sqrt(sums[0])
-        for s, k in reversed(list(zip(sums, ks))):
-            good = jnp.isfinite(s) & (s >= lo)
-            norm = jnp.where(good, jnp.sqrt(s) * acc.type(2.0**-k), norm)
-        return norm
+        return _fast_jax.ladder_root([sum(t) for t in zip(*map(one, parts))], acc)
 
     def on_parts(fn):
         return jax.jit(lambda g: fn(_fast_jax.parts(_tree.flatten(g))))

@@ -117,10 +117,17 @@ def ladder_norm(parts: list[Any]) -> Any:
     ones 80 or 126); when none is (zeros, inf, NaN) the plain sum is the answer.
     """
     acc = _acc(parts)
-    lo, ks = _LADDER[acc]
+    _, ks = _LADDER[acc]
     # behind a barrier: XLA would fold (x * c)**2 into x**2 * (c * c), which overflows
     scales = jax.lax.optimization_barrier([jnp.asarray(2.0**k, acc) for k in ks])
     sums = [sum(jnp.sum(jnp.square(x.astype(acc) * c)) for x in parts) for c in scales]
+    return ladder_root(sums, acc)
+
+
+def ladder_root(sums: list[Any], acc: Any) -> Any:
+    """The norm from the ladder's sums of squares (one per ``k``, in ``acc``): the
+    first good one's root times ``2**-k``, else the plain sum's root."""
+    lo, ks = _LADDER[acc]
     norm = jnp.sqrt(sums[0])  # zeros, inf, NaN
     for s, k in reversed(list(zip(sums, ks))):  # the first good one wins
         good = jnp.isfinite(s) & (s >= lo)

@@ -448,8 +448,8 @@ def _sumsq(c: np.ndarray) -> tuple[float, float]:
     """``(d, s)`` with ``d**2 * s`` the sum of squares of ``c`` (1-D, float32 or
     float64), computed without overflow or underflow, and without a temporary larger
     than ``EXACT_PIECE`` elements."""
-    if c.dtype == np.float32 and _native.lib is not None and c.flags.c_contiguous:
-        return 1.0, _native.sumsq(c)  # exact as it is
+    if _native_chunk(c):  # a float32 chunk (or buffer): the C kernel's sum is exact
+        return 1.0, _native.sumsq(c)
     s = _dot_rows(c)
     lo, hi = _SAFE[c.dtype]
     if lo <= s <= hi or (s == 0 and not c.any()):

@@ -462,7 +462,8 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
                 s = s.to(dtype)
             sizes: Sequence[int] = []
             if inplace and host:
-                sizes = _sizes(tree) if len(groups) == 1 else [_sizes(tree)[i] for i in idx]
+                sizes = _sizes(tree)
+                sizes = sizes if len(groups) == 1 else [sizes[i] for i in idx]
             if sizes and _native_wanted(tree, s.dtype, {dtype}, sizes):
                 # the C kernel on NumPy's threads (the float32 product, rounded once)
                 by_dtype, rest = _native_groups(xs)
