@@ -4,7 +4,8 @@
 # then the benchmark's GPU cases. Run from the repository root, with the wheels that
 # machine lacks in .whl/ (array-api-compat, array-api-strict). Writes to $OUT (or
 # benchmarks/results/gpu).
-#   bash benchmarks/gpu.sh [tests|bench|profile|all] [bench args...]
+#   bash benchmarks/gpu.sh [tests|bench|profile|ab|all|setup] [bench args...]
+# (setup: only the wheels and the C kernels, for commands run after it)
 set -uo pipefail
 what=${1:-all}
 shift || true
@@ -37,6 +38,10 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == profile || $what == all ]]; then
     python3 benchmarks/gpu_profile.py 2>&1 | tee "$OUT/profile.log"
+    rc=$((rc | PIPESTATUS[0]))
+fi
+if [[ $what == ab || $what == all ]]; then
+    python3 benchmarks/gpu_ab.py 2>&1 | tee "$OUT/ab.log"
     rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == bench || $what == all ]]; then

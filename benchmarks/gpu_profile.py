@@ -21,8 +21,9 @@ import shapes
 import gradclip as gc
 
 
-def timed(fn, n=20):
-    for _ in range(3):
+def timed(fn, n=20, warmup=3):
+    """Median wall time (ms) of ``n`` synchronised calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     ts = []

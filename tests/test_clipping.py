@@ -73,6 +73,25 @@ def test_zero_gradients_and_zero_max_norm(backend):
     assert np.array_equal(backend.to_numpy(clipped), np.zeros(2))
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_max_norm_beyond_the_dtype_range_is_no_clip(backend, fast):
+    """A threshold past float32's range (1e39, "never clip") rounds to inf, as any
+    conversion to float32 does: no change, on the fast paths and in the core (torch's
+    ``full`` refused such values)."""
+    from gradclip import _backends, _checks, _compat
+
+    x = backend.asarray(np.array([3e30, -4e30, 1.0]), "float32")
+    with _backends.fast_paths(fast):
+        clipped, norm = gc.clip_by_global_norm(x, max_norm=1e39)
+        assert np.array_equal(backend.to_numpy(clipped), backend.to_numpy(x))
+        assert backend.to_numpy(norm) == pytest.approx(5e30, rel=1e-6)
+    # just past the largest float32 rounds to it, not to inf
+    top = np.finfo(np.float32).max
+    xp, dev = _compat.array_namespace(x), _compat.device(x)
+    m = _checks.scalar_or_array(xp, float(top) * (1 + 2.0**-30), x.dtype, dev)
+    assert backend.to_numpy(m) == top
+
+
 def test_eps_matches_torch_formula(backend):
     x = backend.asarray(np.array([3.0, 4.0]), "float64") if "float64" in backend.dtypes else None
     if x is None:

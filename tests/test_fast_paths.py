@@ -10,6 +10,7 @@ The 1e8-element accuracy bound is tested with fast paths on in test_norms.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import tracemalloc
@@ -514,6 +515,55 @@ def test_torch_foreach_terms_match_core(dt, p):
         got = float(_norms._combine(t, _fast_torch.leaf_terms(t, p), p))
         want = ref_norm([np.array(values, dtype=np.float64)], p)
         assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-2)
+
+
+@pytest.mark.parametrize("dt", ["float32", "float64"])
+def test_torch_clip_scale_matches_core_bit_for_bit(dt):
+    """torch's three-kernel scale (a CPU scalar for ``max_norm``, the quotient
+    overwritten where it is not used) against the core's, at the edges: zero and
+    infinite norms and thresholds, 0/0 and inf/inf, NaN, a threshold that overflows
+    float32, 0-d thresholds of torch and NumPy."""
+    torch = pytest.importorskip("torch")
+    from gradclip import _checks, _clipping, _compat, _fast_torch
+
+    dtype = getattr(torch, dt)
+    three = math.nextafter(3.0, 4.0)
+    norms = [0.0, 1.0, 2.5, 3.0, three, 1e30, 1e300, math.inf, math.nan]
+    limits = [0.0, 3.0, 1e39, math.inf, np.float64(3.0), torch.tensor(3.0, dtype=torch.float64)]
+    for n, m, eps in itertools.product(norms, limits, [0.0, 1e-6]):
+        norm = torch.tensor(n, dtype=dtype)
+        xp = _compat.array_namespace(norm)
+        got = _fast_torch._clip_scale(xp, norm, m, eps)
+        want = _clipping.clip_scale(norm, _checks.scalar_or_array(xp, m, dtype, None), eps)
+        assert got.dtype == want.dtype and got.shape == ()
+        assert got.numpy().tobytes() == want.numpy().tobytes(), (n, m, eps, got, want)
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("dts", [["float32"], ["bfloat16"], ["float16", "float32"]])
+def test_torch_device_path_on_cpu_matches_core(dts, inplace, monkeypatch):
+    """The path of CUDA tensors (float64 foreach norms, their norm, the three-kernel
+    scale, one foreach multiply per group), run on CPU tensors, against the core."""
+    torch = pytest.importorskip("torch")
+    from gradclip import _fast_torch
+
+    monkeypatch.setattr(_fast_torch, "_find_kind", lambda tree: "device")
+    monkeypatch.setattr(_fast_torch, "_on_cuda", lambda tree: True)
+    b = make_backend("torch")
+    rng = np.random.default_rng(9)
+    grads = _random_tree(b, dts, rng, big=True)
+    core = {k: v.clone() for k, v in grads.items()}
+    with _backends.fast_paths(False):
+        want_norm = gc.clip_by_global_norm_(core, 1.0, eps=1e-6)
+    if inplace:
+        norm = gc.clip_by_global_norm_(grads, 1.0, eps=1e-6)
+        got = grads
+    else:
+        got, norm = gc.clip_by_global_norm(grads, 1.0, eps=1e-6)
+    assert float(norm) == pytest.approx(float(want_norm), rel=ULPS * 2.0**-23)
+    for k in core:
+        tol = 2.0**-7 if got[k].dtype == torch.bfloat16 else 2.0**-10  # an ulp of the leaf
+        torch.testing.assert_close(got[k], core[k], rtol=tol, atol=0)
 
 
 def test_torch_traced_and_autograd_use_the_core():

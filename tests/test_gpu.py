@@ -168,9 +168,14 @@ def test_torch_cuda_multiply_is_torchs_own():
             assert torch.equal(x, r)
 
 
-def test_torch_cuda_graph_replays_the_fast_path():
+@pytest.mark.parametrize("mixed", [True, False])
+def test_torch_cuda_graph_replays_the_fast_path(mixed):
+    """Captured with a Python ``max_norm`` (a CPU scalar in the scale's kernels), one
+    dtype (the norms' vector as it is) or two (stacked)."""
     torch = _torch_cuda()
-    grads = [torch.zeros(100_000, device="cuda"), torch.zeros(300, device="cuda").bfloat16()]
+    grads = [torch.zeros(100_000, device="cuda"), torch.zeros(300, device="cuda")]
+    if mixed:
+        grads[1] = grads[1].bfloat16()
     graph, norm = cuda_graph(lambda: gc.clip_by_global_norm_(grads, 1.0))
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)

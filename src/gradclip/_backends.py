@@ -15,7 +15,15 @@ from typing import Any
 
 from . import _compat
 
-__all__ = ["barrier", "clip_impl", "enabled", "fast_paths", "global_norm_impl", "scale_impl"]
+__all__ = [
+    "barrier",
+    "clip_impl",
+    "clip_scale_impl",
+    "enabled",
+    "fast_paths",
+    "global_norm_impl",
+    "scale_impl",
+]
 
 # Per thread; not a ContextVar, whose get/set torch.compile cannot trace (graph breaks).
 _STATE = threading.local()
@@ -41,11 +49,22 @@ def enabled() -> bool:
     return getattr(_STATE, "on", True)
 
 
+# the fast-path module by the type of a tree's first leaf (a call asks a few times)
+_MODULES: dict[type, Any] = {}
+
+
 def _module(tree: Any) -> Any:
     """The fast-path module for the tree's library (imported on first use), or ``None``."""
     if not enabled() or not tree.leaves:
         return None
     x = tree.leaves[0]
+    mod = _MODULES.get(type(x), False)
+    if mod is False:
+        mod = _MODULES[type(x)] = _find_module(x)
+    return mod
+
+
+def _find_module(x: Any) -> Any:
     if _compat.is_numpy_array(x):
         from . import _fast_numpy as mod
     elif _compat.is_torch_array(x):
@@ -70,6 +89,13 @@ def scale_impl(tree: Any, *, inplace: bool) -> Any:
     ``scale`` (in place when ``inplace``), or ``None``."""
     mod = _module(tree)
     return None if mod is None else mod.scale_impl(tree, inplace=inplace)
+
+
+def clip_scale_impl(tree: Any) -> Any:
+    """A function ``(norm, max_norm, eps) -> scale`` computing the core's
+    :func:`gradclip._clipping.clip_scale` in fewer device operations, or ``None``."""
+    impl = getattr(_module(tree), "clip_scale_impl", None)
+    return None if impl is None else impl(tree)
 
 
 def clip_impl(tree: Any, *, nonfinite: str) -> Any:

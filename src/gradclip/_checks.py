@@ -52,7 +52,13 @@ def scalar_or_array(xp: Any, value: Any, dtype: Any, device: Any) -> Any:
     if isinstance(value, numbers.Real):
         # full() fills on the device; asarray would copy from the host, which a CUDA
         # graph capture forbids
-        return xp.full((), float(value), dtype=dtype, device=device)
+        try:
+            return xp.full((), float(value), dtype=dtype, device=device)
+        except (OverflowError, RuntimeError):
+            # torch refuses values past the dtype's range (1e39 for float32, meaning
+            # "never clip"); rounded from float64 they become inf, as anywhere else
+            wide = xp.full((), float(value), dtype=xp.float64, device=device)
+            return xp.astype(wide, dtype)
     if _compat.array_namespace(value) is not xp:
         # A 0-d array from another library (a NumPy scalar with torch grads, say):
         # it lives on the host, so reading it is not a device read-back.

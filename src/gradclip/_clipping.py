@@ -62,6 +62,8 @@ def clip_by_global_norm(
         leaves are promoted to the library's default floating dtype.
     max_norm : float or 0-d array
         The threshold (``>= 0``); a 0-d array may be a traced value under ``jax.jit``.
+        It is rounded to the norm's dtype, so a number past that dtype's range (1e39
+        with float32 gradients) is inf: no clipping.
     ord : float, optional
         The norm's order: any real ``p > 0`` or ``math.inf`` (default 2).
     eps : float, optional
@@ -243,6 +245,9 @@ def _clip(
 def _scale(tree: _tree.Tree, norm: Any, max_norm: Any, eps: float, nonfinite: str) -> Any:
     if nonfinite == "raise":
         _raise_if_nonfinite(tree, norm)
+    fast = _backends.clip_scale_impl(tree)
+    if fast is not None:
+        return fast(norm, max_norm, eps)
     m = _checks.scalar_or_array(tree.xp, max_norm, norm.dtype, tree.device)
     return clip_scale(norm, m, eps)
 

@@ -50,15 +50,16 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from . import _clipping, _compat, _fast_numpy, _native, _norms, _tree
+from . import _checks, _clipping, _compat, _fast_numpy, _native, _norms, _tree
 
-__all__ = ["global_norm_impl", "leaf_terms", "scale_impl"]
+__all__ = ["clip_scale_impl", "global_norm_impl", "leaf_terms", "scale_impl"]
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
@@ -139,11 +140,21 @@ def _groups(
 
 
 def _tree_groups(tree: _tree.Tree) -> dict[tuple[Any, Any], Sequence[int]]:
-    return _tree.memo(tree, "groups", lambda tree: _groups(tree.leaves, _one_cpu_dtype(tree)))
+    return _tree.memo(tree, "groups", lambda tree: _groups(tree.leaves, _one_group(tree)))
 
 
-def _one_cpu_dtype(tree: _tree.Tree) -> bool:
-    return _kind(tree) == "host" and len(_dtypes(tree)) == 1
+_IS_CUDA = operator.attrgetter("is_cuda")
+
+
+def _one_group(tree: _tree.Tree) -> bool:
+    """Whether all leaves share one dtype and device (known without torch's grouping,
+    which costs ~0.2 us a tensor): plain CPU tensors, or tensors on one CUDA device."""
+    if len(_dtypes(tree)) != 1:
+        return False
+    if _kind(tree) == "host":
+        return True
+    leaves = tree.leaves
+    return all(map(_IS_CUDA, leaves)) and len(set(map(torch.Tensor.get_device, leaves))) == 1
 
 
 def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
@@ -243,7 +254,7 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
                 big_size += n
     total += _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
     total += _blocked_sum(rows, acc, _wide_size(tree))
-    total += _concatenated_sum(small, acc, nbuf, _one_cpu_dtype(tree), small_sizes)
+    total += _concatenated_sum(small, acc, nbuf, _one_group(tree), small_sizes)
     if not _fast_numpy.is_safe(total, np_acc):  # every tensor again, exactly
         views = [_numpy_view(x) for x in tree.leaves]
         return torch.tensor(_fast_numpy.norm_of_arrays(views, p, np_acc), dtype=acc)
@@ -483,3 +494,23 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
         return out
 
     return scale
+
+
+def clip_scale_impl(tree: _tree.Tree) -> Callable[[Any, Any, float], Any] | None:
+    if _kind(tree) is None:
+        return None
+    return lambda norm, max_norm, eps: _clip_scale(tree.xp, norm, max_norm, eps)
+
+
+def _clip_scale(xp: Any, norm: torch.Tensor, max_norm: Any, eps: float) -> torch.Tensor:
+    """The core's ``clip_scale`` (1 where ``norm + eps <= max_norm``, else their
+    quotient; NaN for a NaN norm) in three kernels where the core's Array API form
+    launches six: a Python ``max_norm`` becomes a 0-d CPU tensor, which torch passes
+    to a device kernel as an argument (no fill, no copy; a CUDA graph keeps its
+    value), and the quotient where it is not used (0/0, inf/inf) is overwritten."""
+    den = norm + eps if eps else norm
+    if isinstance(max_norm, numbers.Real):
+        m = torch.tensor(float(max_norm), dtype=norm.dtype)
+    else:
+        m = _checks.scalar_or_array(xp, max_norm, norm.dtype, norm.device)
+    return (m / den).masked_fill_(den <= m, 1.0)
