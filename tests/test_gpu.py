@@ -171,7 +171,7 @@ def test_torch_cuda_multiply_is_torchs_own():
 @pytest.mark.parametrize("mixed", [True, False])
 def test_torch_cuda_graph_replays_the_fast_path(mixed):
     """Captured with a Python ``max_norm`` (a CPU scalar in the scale's kernels), one
-    dtype (the norms' vector as it is) or two (stacked)."""
+    dtype (one group, without torch's grouping) or two (two groups)."""
     torch = _torch_cuda()
     grads = [torch.zeros(100_000, device="cuda"), torch.zeros(300, device="cuda")]
     if mixed:
