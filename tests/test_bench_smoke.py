@@ -111,3 +111,21 @@ def test_libraries_keeps_only_those_cases(bench, tmp_path):
     assert bench.main(args) == 0
     runs = json.loads((tmp_path / "latest.json").read_text())["results"][0]["runs"]
     assert set(runs) == {"gradclip numpy (in place)", "plain numpy (dot + in place)"}
+
+
+def test_jax_pages_smoke_times_each_case_in_both_settings(capsys):
+    """benchmarks/jax_pages.py (the fresh pages of a jitted functional clip) on tiny
+    shapes: each case timed in a child process per setting."""
+    pytest.importorskip("optax")
+    spec = importlib.util.spec_from_file_location("jax_pages", ROOT / "benchmarks/jax_pages.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--set", "resnet-50", "--calls", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    settings = out.split("glibc.malloc.hugetlb=1\n")
+    assert len(settings) == 2 and "as is" in settings[0]
+    for part in settings:
+        for case in ("multiply only (jit)", "gradclip (jit)", "optax (jit)"):
+            line = next(ln for ln in part.splitlines() if case in ln)
+            wall = float(line.split(case)[1].split("(")[0])
+            assert wall > 0
