@@ -128,7 +128,8 @@ def test_tables_cover_each_address_once(dt):
     rng = np.random.default_rng(5)
     sizes = (0, 1, 17, 1024, 3000, 70_001)
     xs = [_as(rng.standard_normal(n + 1), KINDS[dt])[1:] for n in sizes]
-    assert [_native.address(x) for x in xs] == [x.ctypes.data for x in xs]
+    # lib.address takes the buffer without its format: bfloat16 arrays need no view
+    assert [_native.lib.address(x) for x in xs] == [x.ctypes.data for x in xs]
     ptrs = array("q", [x.ctypes.data for x in xs])
     counts = array("q", [x.size for x in xs])
     itemsize = KINDS[dt].itemsize
@@ -145,6 +146,31 @@ def test_tables_cover_each_address_once(dt):
 
 
 # -- the fast paths, with the kernels and without, against the core ---------------------
+
+
+@pytest.mark.parametrize("dt", KINDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_run_native_covers_every_element_once(dt, threads, monkeypatch):
+    """``run_native`` on one thread (tables of ``TABLE_ROWS`` items, large ones whole)
+    and on two (chunks of large items, runs of small ones past ``TABLE_ROWS`` items):
+    every element summed and scaled once."""
+    from gradclip import _fast_numpy
+
+    monkeypatch.setattr(_fast_numpy, "CHUNK", 4096)
+    monkeypatch.setattr(_fast_numpy, "PER_THREAD", 1)
+    monkeypatch.setattr(_fast_numpy, "threads", lambda: threads)
+    rng = np.random.default_rng(9)
+    sizes = [10_000, *([7] * 150), 4096, 4097, 0, *([30] * 70), 9000, 1]
+    xs = [_as(rng.standard_normal(n), KINDS[dt]) for n in sizes]
+    lib, size, itemsize = _native.lib, sum(sizes), KINDS[dt].itemsize
+    parts = _fast_numpy.run_native(xs, lib.address, size, lib.sumsq_table, itemsize)
+    assert len(parts) > 2
+    assert math.fsum(parts) == pytest.approx(math.fsum(map(_exact_sumsq, xs)), rel=1e-6)
+    s = float(np.float32(0.3))
+    want = [(x.astype(np.float32) * np.float32(s)).astype(KINDS[dt]) for x in xs]
+    _fast_numpy.run_native(xs, lib.address, size, lib.scale_table, itemsize, s)
+    for x, w in zip(xs, want):
+        np.testing.assert_array_equal(x, w)
 
 
 @pytest.fixture(params=["numpy", "numpy-pure", "torch", "torch-pure"])

@@ -177,17 +177,19 @@ def _run(
     item_size: Callable[[Any], int] = operator.attrgetter("size"),
 ) -> list[Any]:
     """``work`` over the chunks of ``items``: on one thread for small inputs, else on
-    a few threads that take the units of :func:`_units` one by one, the calling
-    thread one of them (one fewer thread to wake: a sleeping thread can take a while
-    to wake on a virtual machine whose core was left idle)."""
+    a few threads (:func:`_on_threads`) that take the units of :func:`_units` one by
+    one."""
     n = _threads_for(size) if threads is None else threads
     if n == 1:
         return [work(itertools.chain.from_iterable(map(split, items)))]
     units = iter(_units(items, split, item_size))
+    return _on_threads(n, lambda: work(_taken(units, items, split)))
 
-    def task() -> Any:
-        return work(_taken(units, items, split))
 
+def _on_threads(n: int, task: Callable[[], Any]) -> list[Any]:
+    """``task()`` on ``n`` threads at once, the calling thread one of them (one fewer
+    thread to wake: a sleeping thread can take a while to wake on a virtual machine
+    whose core was left idle): the results, the caller's first."""
     others = [_executor().submit(task) for _ in range(n - 1)]
     try:
         mine = task()
@@ -210,34 +212,38 @@ def run_native(
 ) -> list[Any]:
     """``kernel(addresses, counts, itemsize, *args)`` over the memory of ``items``
     (``size`` elements in all: C-contiguous arrays or tensors of one dtype of the C
-    kernels, ``address(x)`` where each starts), on the threads of :func:`_run`. A
-    thread takes units of ``CHUNK`` elements at most (a piece of a large item, a run
-    of small ones) and calls the kernel for about ``CHUNK`` elements at a time, through
-    a table of at most ``TABLE_ROWS`` rows: thousands of tensors cost an address each,
-    not a call each, and no object per item outlives its unit (the 1 % bound)."""
+    kernels, ``address(x)`` where each starts), a table of at most ``TABLE_ROWS``
+    items at a time: thousands of tensors cost an address each, not a call each, and
+    no table outlives its call (the 1 % bound). On one thread for small inputs; else
+    on the threads of :func:`_on_threads`, which take the units of :func:`_units` one
+    by one (a chunk of ``CHUNK`` elements of a large item, a run of small ones), so a
+    thread that runs slower takes fewer. The units' results, in no fixed order."""
+
+    def call(part: Sequence[Any]) -> Any:
+        ptrs, counts = array("q", map(address, part)), array("q", map(size_of, part))
+        return kernel(ptrs, counts, itemsize, *args)
+
+    n = _threads_for(size)
+    if n == 1:
+        return [call(items[i : i + TABLE_ROWS]) for i in range(0, len(items), TABLE_ROWS)]
 
     def split(x: Any) -> Sequence[tuple[int, int]]:
-        start, n = address(x), size_of(x)
-        if n <= CHUNK:
-            return ((start, n),)
-        return [(start + itemsize * i, min(CHUNK, n - i)) for i in range(0, n, CHUNK)]
+        start, k = address(x), size_of(x)
+        return [(start + itemsize * i, min(CHUNK, k - i)) for i in range(0, k, CHUNK)]
 
-    def work(pieces: Iterable[tuple[int, int]]) -> list[Any]:
+    units = iter(_units(items, split, size_of))
+
+    def task() -> list[Any]:
         out = []
-        ptrs, counts, n = array("q"), array("q"), 0
-        for start, k in pieces:
-            ptrs.append(start)
-            counts.append(k)
-            n += k
-            if n >= CHUNK or len(ptrs) == TABLE_ROWS:
-                out.append(kernel(ptrs, counts, itemsize, *args))
-                ptrs, counts, n = array("q"), array("q"), 0
-        if ptrs:
-            out.append(kernel(ptrs, counts, itemsize, *args))
+        for u in units:  # (a list's iterator: ``next`` is atomic under the GIL)
+            if isinstance(u, range):
+                stop = u.stop
+                out += [call(items[i : min(i + TABLE_ROWS, stop)]) for i in u[::TABLE_ROWS]]
+            else:  # a chunk of a large item
+                out.append(kernel(array("q", u[:1]), array("q", u[1:]), itemsize, *args))
         return out
 
-    parts = _run(items, work, size, split=split, item_size=size_of)
-    return [r for part in parts for r in part]
+    return [r for part in _on_threads(n, task) for r in part]
 
 
 def native_groups(
@@ -283,7 +289,7 @@ def _native_run_groups(
     for dt, xs in groups.items():
         n = size if not rest and len(groups) == 1 else sum(x.size for x in xs)
         call = getattr(_native.lib, kernel)
-        out += run_native(xs, _native.address, n, call, dt.itemsize, *args(dt))
+        out += run_native(xs, _native.lib.address, n, call, dt.itemsize, *args(dt))
     return out, [arrays[i] for i in rest]
 
 

@@ -17,7 +17,9 @@ kernels release the GIL, so the NumPy path's threads run them side by side.
 * ``lib.sumsq_table(addresses, counts, itemsize)`` and ``lib.scale_table(addresses,
   counts, itemsize, s)``: the same over a table of raw addresses (int64 arrays) of
   bfloat16 (``itemsize`` 2) or float32 (4) memory: many arrays or tensors in a call
-  (``gradclip._fast_numpy.run_native`` makes them, a bounded table at a time).
+  (``gradclip._fast_numpy.run_native`` makes them, a bounded table at a time);
+  ``lib.address(x)``, the data address of a C-contiguous array (its buffer taken
+  without a format: ml_dtypes' bfloat16 arrays too, with no view).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BF16", "DTYPES", "address", "lib", "scale", "sumsq"]
+__all__ = ["BF16", "DTYPES", "lib", "scale", "sumsq"]
 
 
 def _load() -> Any:
@@ -64,8 +66,3 @@ def sumsq(x: np.ndarray) -> float:
 
 def scale(x: np.ndarray, y: np.ndarray, s: float) -> None:
     lib.scale(_buffer(x), _buffer(y), s)
-
-
-def address(x: np.ndarray) -> int:
-    """The data address of a C-contiguous bfloat16 or float32 array."""
-    return lib.address(_buffer(x))
