@@ -145,9 +145,6 @@ def test_tables_cover_each_address_once(dt):
         _native.lib.sumsq_table(ptrs, counts, 8)
 
 
-# -- the fast paths, with the kernels and without, against the core ---------------------
-
-
 @pytest.mark.parametrize("dt", KINDS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_run_native_covers_every_element_once(dt, threads, monkeypatch):
@@ -171,6 +168,9 @@ def test_run_native_covers_every_element_once(dt, threads, monkeypatch):
     _fast_numpy.run_native(xs, lib.address, size, lib.scale_table, itemsize, s)
     for x, w in zip(xs, want):
         np.testing.assert_array_equal(x, w)
+
+
+# -- the fast paths, with the kernels and without, against the core ---------------------
 
 
 @pytest.fixture(params=["numpy", "numpy-pure", "torch", "torch-pure"])
