@@ -4,7 +4,7 @@
 # then the benchmark's GPU cases. Run from the repository root, with the wheels that
 # machine lacks in .whl/ (array-api-compat, array-api-strict). Writes to $OUT (or
 # benchmarks/results/gpu).
-#   bash benchmarks/gpu.sh [tests|bench|profile|ab|all|setup] [bench args...]
+#   bash benchmarks/gpu.sh [tests|bench|profile|ab|all|setup] [bench or gpu_ab.py args...]
 # (setup: only the wheels and the C kernels, for commands run after it)
 set -uo pipefail
 what=${1:-all}
@@ -41,7 +41,9 @@ if [[ $what == profile || $what == all ]]; then
     rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == ab || $what == all ]]; then
-    python3 benchmarks/gpu_ab.py 2>&1 | tee "$OUT/ab.log"
+    ab_args=()  # gpu.sh ab [--pause S] [--series] [--profile]: gpu_ab.py's options
+    [[ $what == ab ]] && ab_args=("$@")
+    python3 benchmarks/gpu_ab.py ${ab_args[@]+"${ab_args[@]}"} 2>&1 | tee "$OUT/ab.log"
     rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == bench || $what == all ]]; then
