@@ -129,3 +129,22 @@ def test_jax_pages_smoke_times_each_case_in_both_settings(capsys):
             line = next(ln for ln in part.splitlines() if case in ln)
             wall = float(line.split(case)[1].split("(")[0])
             assert wall > 0
+
+
+def test_gpu_ab_series_and_profile_run_on_the_cpu(monkeypatch, capsys):
+    """benchmarks/gpu_ab.py's diagnosis of the calls after a pause (meant for a GPU
+    machine), dry on the CPU with tiny shapes: it must not fail there first."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gpu_ab", ROOT / "benchmarks/gpu_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tiny = {"gpt2-small": lambda: [(3, 4), (5,)], "resnet-50": lambda: [(2, 2)]}
+    monkeypatch.setattr(mod.shapes, "SETS", tiny)
+    mod.diagnose(0.0, "cpu", profile=True)
+    out = capsys.readouterr().out
+    assert "Self CPU time total" in out
+    rows = [ln for ln in out.splitlines() if " float32 " in ln and "median" in ln]
+    assert len(rows) == 8  # 2 sets x 2 turns x 2 sides, 30 calls each
+    assert all(len(r.split(":", 1)[1].split()) == 30 for r in rows)
+    assert torch.is_tensor(mod.sides([torch.ones(3)])["torch"]())
