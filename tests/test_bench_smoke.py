@@ -12,19 +12,26 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
+def _script(name: str, module: str) -> Any:
+    """``benchmarks/<name>.py`` loaded as ``module`` (its folder on ``sys.path``, for
+    the helper modules it imports)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("gradclip_bench", ROOT / "benchmarks/bench.py")
+    spec = importlib.util.spec_from_file_location(module, ROOT / f"benchmarks/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _script("bench", "gradclip_bench")
 
 
 def test_shape_sets_match_the_anchors(bench):
@@ -117,9 +124,7 @@ def test_jax_pages_smoke_times_each_case_in_both_settings(capsys):
     """benchmarks/jax_pages.py (the fresh pages of a jitted functional clip) on tiny
     shapes: each case timed in a child process per setting."""
     pytest.importorskip("optax")
-    spec = importlib.util.spec_from_file_location("jax_pages", ROOT / "benchmarks/jax_pages.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("jax_pages", "jax_pages")
     assert mod.main(["--smoke", "--set", "resnet-50", "--calls", "2", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     settings = out.split("glibc.malloc.hugetlb=1\n")
@@ -135,10 +140,7 @@ def test_gpu_ab_series_and_profile_run_on_the_cpu(monkeypatch, capsys):
     """benchmarks/gpu_ab.py's diagnosis of the calls after a pause (meant for a GPU
     machine), dry on the CPU with tiny shapes: it must not fail there first."""
     torch = pytest.importorskip("torch")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("gpu_ab", ROOT / "benchmarks/gpu_ab.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("gpu_ab", "gpu_ab")
     tiny = {"gpt2-small": lambda: [(3, 4), (5,)], "resnet-50": lambda: [(2, 2)]}
     monkeypatch.setattr(mod.shapes, "SETS", tiny)
     mod.diagnose(0.0, "cpu", profile=True)
