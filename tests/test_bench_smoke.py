@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,8 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
             "gradclip jax (eager)",
             "optax clip_by_global_norm (jit)",
             "optax clip_by_global_norm (eager)",
+            "gradclip jax (jit, donated)",
+            "optax clip_by_global_norm (jit, donated)",
         }
     assert expected <= set(runs)
     for r in runs.values():  # a call per round, pooled
@@ -108,6 +111,29 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
     # a finished run plotted again, without timing
     assert bench.main(["--plot", str(tmp_path / "latest.json"), str(tmp_path / "re.png")]) == 0
     assert (tmp_path / "re.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_donated_cases_clip_a_fresh_copy_per_call(bench):
+    """The donated JAX cases consume a copy made before each call (untimed) and give
+    what the plain jitted clip gives; the gradients themselves are left alone."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    data = bench._make_data([(30, 4), (5,), (2, 3, 4)], "float32")
+    before = [x.copy() for x in data]
+    calls = bench._jax_cases(jax, data, float(np.sqrt(sum(np.sum(x * x) for x in data))))
+    want, _ = calls["gradclip jax (jit)"][1](0)  # (clipped, norm)
+    for name in ("gradclip jax (jit, donated)", "optax clip_by_global_norm (jit, donated)"):
+        call = calls[name][1]
+        for k in range(2):
+            call.prepare()
+            arg = call.prepare.__self__.arg
+            got = call(k)
+            assert all(x.is_deleted() for x in arg)  # donated: the copy was consumed
+            got = got[0] if name.startswith("gradclip") else got
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+    for x, b in zip(data, before):
+        np.testing.assert_array_equal(x, b)
 
 
 def test_libraries_keeps_only_those_cases(bench, tmp_path):
