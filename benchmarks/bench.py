@@ -456,12 +456,6 @@ GOALS = [
         {},
     ),
     (
-        "optax jit, inputs donated, vs floor",
-        "optax clip_by_global_norm (jit, donated)",
-        "floor (sum + mul_, flat)",
-        {},
-    ),
-    (
         "jax eager vs jax jit",
         "gradclip jax (eager)",
         "gradclip jax (jit)",
