@@ -207,32 +207,6 @@ def _copy_floor(ones: Callable[[int], Any], data: list[np.ndarray]) -> Call:
     return lambda k: cp.copyto(dst, src)
 
 
-class Donated:
-    """Calls whose argument is donated to ``jax.jit`` (consumed by the call): each gets
-    a fresh copy of the gradients, made by ``prepare`` outside the timed call.
-
-    A jitted functional call writes its output into fresh memory; for leaves larger
-    than glibc's ``mmap`` threshold those are new pages, zeroed by the kernel as they
-    are first written, on every call. Donated, the output is written over the input,
-    so these cases time the clip's own reads and writes, on gradclip and optax alike.
-    """
-
-    def __init__(self, make: Callable[[], Any]) -> None:
-        self.make, self.arg = make, None
-
-    def prepare(self) -> None:
-        self.arg = self.make()
-        _wait(self.arg)
-
-    def to(self, fn: Callable[[Any], Any]) -> Call:
-        def call(k: int) -> Any:
-            arg, self.arg = self.arg, None
-            return fn(self.make() if arg is None else arg)  # (None: an unprepared call)
-
-        call.prepare = self.prepare  # type: ignore[attr-defined]
-        return call
-
-
 def _jax_cases(jax: Any, data: list[np.ndarray], norm0: float) -> dict[str, tuple[str, Call]]:
     """JAX and optax, jitted and eager, on JAX's default device: ``jax`` on the CPU,
     ``jax-gpu`` on a GPU (the cases' names say which)."""
@@ -248,18 +222,12 @@ def _jax_cases(jax: Any, data: list[np.ndarray], norm0: float) -> dict[str, tupl
     mul = jax.jit(lambda g, m: [x * m.astype(x.dtype) for x in g])
     out[f"floor {lib} (jit, multiply only)"] = (lib, lambda k: mul(jg, m))
     out[f"gradclip {lib} (eager)"] = (lib, lambda k: gradclip.clip_by_global_norm(jg, m))
-    # inputs donated: the output is written over them, no fresh pages (see Donated)
-    copies = Donated(lambda: [jnp.copy(x) for x in jg])
-    clip_d = jax.jit(lambda g, m: gradclip.clip_by_global_norm(g, m), donate_argnums=0)
-    out[f"gradclip {lib} (jit, donated)"] = (lib, copies.to(lambda g: clip_d(g, m)))
     optax = _importable("optax")
     if optax is not None:
         tx = optax.clip_by_global_norm(norm0 / 2)
         upd = jax.jit(lambda g: tx.update(g, None)[0])
         tag = "" if lib == "jax" else f" {lib}"
         out[f"optax{tag} clip_by_global_norm (jit)"] = (lib, lambda k: upd(jg))
-        upd_d = jax.jit(lambda g: tx.update(g, None)[0], donate_argnums=0)
-        out[f"optax{tag} clip_by_global_norm (jit, donated)"] = (lib, copies.to(upd_d))
         if lib == "jax":  # (on a GPU eager optax is dispatch alone: 0.07 to 1.2 s a call)
             out["optax clip_by_global_norm (eager)"] = ("jax", lambda k: tx.update(jg, None)[0])
     return out
@@ -369,12 +337,10 @@ def measure(
     """Median time of ``repeats`` calls after ``warmup`` calls and ``warm_s`` seconds of
     them (``reset`` after each warm-up call: the in-place cases' gradients scaled back,
     untimed, so that they are never halved more than ``repeats`` times in a row)."""
-    prepare = getattr(call, "prepare", lambda: None)  # untimed, before each call
     time.sleep(SETTLE)
     k = 0
     start = time.perf_counter()
     while k < warmup or time.perf_counter() - start < warm_s:
-        prepare()
         _wait(call(k))
         k += 1
         if reset is not None:
@@ -384,15 +350,12 @@ def measure(
     _gc.disable()  # as timeit does: no collection inside a timed call
     try:
         for _ in range(repeats):
-            prepare()
             t0 = time.perf_counter()
             _wait(call(k))
             times.append(time.perf_counter() - t0)
             k += 1
     finally:
         _gc.enable()
-    if memory:
-        prepare()
     if not memory:
         mem, how = None, None
     elif library == "numpy":
@@ -447,12 +410,6 @@ GOALS = [
         "jax multiply-only floor vs optax jit",
         "floor jax (jit, multiply only)",
         "optax clip_by_global_norm (jit)",
-        {},
-    ),
-    (
-        "jax jit vs optax jit, inputs donated",
-        "gradclip jax (jit, donated)",
-        "optax clip_by_global_norm (jit, donated)",
         {},
     ),
     (
