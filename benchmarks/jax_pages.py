@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ def child(set_name: str, dtype: str, calls: int, smoke: bool) -> dict[str, list[
     return out
 
 
-def _timed(call: Any, arg: Any, wait: Any, calls: int) -> list[float]:
+def _timed(
+    call: Callable[[Any], Any], arg: Callable[[], Any], wait: Callable[[Any], Any], calls: int
+) -> list[float]:
     """Median wall ms and mean user and system CPU ms of ``call(arg())``, after 3
     calls; ``arg()`` is made (and waited for) before each call, untimed."""
     times, user, system = [], 0.0, 0.0
