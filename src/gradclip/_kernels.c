@@ -68,7 +68,9 @@ static inline uint16_t f32_to_bf16(float f) {
  * pairwise: a chain of 5 adds, not 31, at the end of each row. The same operations in
  * every version; with FMA (x86 CPUs that have AVX2 have it) each square is added
  * unrounded: the float32 sums may differ in the last bits, bfloat16 ones not at all
- * (a bfloat16 value's square is exact in float32). */
+ * (a bfloat16 value's square is exact in float32). Two versions, picked at run time:
+ * AVX2 with FMA, and the baseline (no AVX2 clone of it: every AVX2 CPU takes the
+ * first). */
 #define ROW_SUMSQ(LOAD)                                                                    \
     {                                                                                      \
         float acc[32] = {0};                                                               \
@@ -111,7 +113,7 @@ static int cpu_has_fma(void) {
         for (int k = 0; k < 8; k++) s += acc[k];                                           \
         return s;                                                                          \
     }                                                                                      \
-    CLONES static float NAME##_row(const char *x) ROW_SUMSQ(LOAD)                         \
+    static float NAME##_row(const char *x) ROW_SUMSQ(LOAD)                                \
     WITH_FMA(static float NAME##_row_fma(const char *x) ROW_SUMSQ(LOAD))                   \
     static double NAME(const char *x, int64_t n) {                                         \
         float (*row)(const char *) = PICK(NAME##_row);                                     \
