@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
-DEPS := pyproject.toml constraints.txt setup.py src/gradclip/_kernels.c
+DEPS := pyproject.toml constraints.txt setup.py src/gradclip/_backends/_kernels.c
 LINTED := $(wildcard src tests benchmarks examples)
 
 .PHONY: demo test lint format docs examples bench clean

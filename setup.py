@@ -1,7 +1,7 @@
-"""The optional C kernels (src/gradclip/_kernels.c); everything else is in pyproject.toml.
+"""The optional C kernels (src/gradclip/_backends/_kernels.c); everything else is in pyproject.toml.
 
 ``optional=True``: where no C compiler is found the build goes on without them and
-gradclip uses its pure-Python paths (gradclip._native.lib is None).
+gradclip uses its pure-Python paths (gradclip._backends._native.lib is None).
 """
 
 import sys
@@ -11,8 +11,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "gradclip._kernels",
-            ["src/gradclip/_kernels.c"],
+            "gradclip._backends._kernels",
+            ["src/gradclip/_backends/_kernels.c"],
             extra_compile_args=[] if sys.platform == "win32" else ["-O3"],
             optional=True,
         )

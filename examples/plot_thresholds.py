@@ -35,7 +35,7 @@ def spiky_norms(steps: int, seed: int = 0) -> np.ndarray:
     return norms
 
 
-def thresholds(clipper: gc.AdaptiveClipper, norms: np.ndarray) -> tuple[np.ndarray, list]:
+def thresholds(clipper: gc.StatefulClipper, norms: np.ndarray) -> tuple[np.ndarray, list]:
     """The threshold ``clipper`` gives at each step, and the state before each step."""
     state = clipper.init(np.zeros((), dtype=np.float64))
     out, states = [], []
@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     norms = spiky_norms(args.steps)
-    zclip = gc.ZClip(max_grad_norm=None)
+    zclip = gc.ZClip(max_norm=None)
     zclip_thr, zclip_states = thresholds(zclip, norms)
     panels = [
         ("fixed: clip_by_global_norm(max_norm=1.5)", np.full_like(norms, FIXED), None),
         ("AutoClip(quantile=0.9)", thresholds(gc.AutoClip(quantile=0.9), norms)[0], None),
-        ("ZClip(max_grad_norm=None)", zclip_thr, zclip_boundary(zclip, zclip_states)),
+        ("ZClip(max_norm=None)", zclip_thr, zclip_boundary(zclip, zclip_states)),
         (
             "QuantileClip(0.1, target_quantile=0.9)",
-            thresholds(gc.QuantileClip(0.1, target_quantile=0.9), norms)[0],
+            thresholds(gc.QuantileClip(initial_max_norm=0.1, target_quantile=0.9), norms)[0],
             None,
         ),
     ]

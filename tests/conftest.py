@@ -29,8 +29,8 @@ except ImportError:  # pragma: no cover - jax is a test dependency
 # and not others (the torch hook and the optax transform are tested with each).
 LIBRARY_CLIPPERS = {
     "autoclip": lambda: gc.AutoClip(quantile=0.5, history=3),
-    "zclip": lambda: gc.ZClip(warmup_steps=2, max_grad_norm=None),
-    "quantile": lambda: gc.QuantileClip(initial_threshold=1.0, learning_rate=0.5),
+    "zclip": lambda: gc.ZClip(warmup_steps=2, max_norm=None),
+    "quantile": lambda: gc.QuantileClip(initial_max_norm=1.0, learning_rate=0.5),
 }
 
 ALL_BACKENDS = ["array_api_strict", "numpy", "torch", "jax", "dask", "cupy", "torch_cuda"]

@@ -1,4 +1,4 @@
-"""The optional C kernels (``gradclip/_kernels.c`` via ``gradclip._native``).
+"""The optional C kernels (``gradclip/_backends/_kernels.c`` via ``_backends._native``).
 
 The kernels against float64 NumPy (``math.fsum``) and NumPy's and ml_dtypes' own
 rounding, then the NumPy and torch fast paths, with the kernels and without them (the
@@ -15,7 +15,8 @@ import pytest
 from conftest import make_backend, ref_norm
 
 import gradclip as gc
-from gradclip import _backends, _native
+from gradclip import _backends
+from gradclip._backends import _native
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -25,7 +26,7 @@ KINDS = {"bfloat16": BF16, "float32": F32}
 
 def test_kernels_are_built():
     """``make test`` builds them (setup.py); a machine with a C compiler must have them."""
-    assert _native.lib is not None, "gradclip._kernels is missing: pip install -e . again"
+    assert _native.lib is not None, "the C kernels are missing: pip install -e . again"
 
 
 def _as(a, dt) -> np.ndarray:
@@ -151,26 +152,24 @@ def test_run_native_covers_every_element_once(dt, threads, monkeypatch):
     """``run_native`` on one thread (tables of ``TABLE_ROWS`` items, large ones whole)
     and on two (chunks of large items, runs of small ones past ``TABLE_ROWS`` items):
     every element summed and scaled once."""
-    from gradclip import _fast_numpy
-
-    monkeypatch.setattr(_fast_numpy, "CHUNK", 4096)
-    monkeypatch.setattr(_fast_numpy, "PER_THREAD", 1)
-    monkeypatch.setattr(_fast_numpy, "threads", lambda: threads)
+    monkeypatch.setattr(_native, "CHUNK", 4096)
+    monkeypatch.setattr(_native, "PER_THREAD", 1)
+    monkeypatch.setattr(_native, "threads", lambda: threads)
     rng = np.random.default_rng(9)
     sizes = [10_000, *([7] * 150), 4096, 4097, 0, *([30] * 70), 9000, 1]
     xs = [_as(rng.standard_normal(n), KINDS[dt]) for n in sizes]
     lib, size, itemsize = _native.lib, sum(sizes), KINDS[dt].itemsize
-    parts = _fast_numpy.run_native(xs, lib.address, size, lib.sumsq_table, itemsize)
+    parts = _native.run_native(xs, lib.address, size, lib.sumsq_table, itemsize)
     assert len(parts) > 2
     assert math.fsum(parts) == pytest.approx(math.fsum(map(_exact_sumsq, xs)), rel=1e-6)
     s = float(np.float32(0.3))
     want = [(x.astype(np.float32) * np.float32(s)).astype(KINDS[dt]) for x in xs]
-    _fast_numpy.run_native(xs, lib.address, size, lib.scale_table, itemsize, s)
+    _native.run_native(xs, lib.address, size, lib.scale_table, itemsize, s)
     for x, w in zip(xs, want):
         np.testing.assert_array_equal(x, w)
 
 
-# -- the fast paths, with the kernels and without, against the core ---------------------
+# -- the fast paths, with the kernels and without, against the reference ---------------------
 
 
 @pytest.fixture(params=["numpy", "numpy-pure", "torch", "torch-pure"])

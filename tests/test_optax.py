@@ -331,9 +331,9 @@ def test_stateless_helper_passes_params_when_asked():
 
 
 @pytest.mark.parametrize("name", list(LIBRARY_CLIPPERS))
-def test_library_clippers_in_the_transform_match_clip_adaptive(name):
+def test_library_clippers_in_the_transform_match_clip_stateful(name):
     """AutoClip, ZClip and QuantileClip plug into the transform: under jit, in a chain,
-    it gives the same updates, thresholds and flags as gc.clip_adaptive step by step."""
+    it gives the same updates, thresholds and flags as gc.clip_stateful step by step."""
     rng = np.random.default_rng(1)
     grads = _grads(rng, "float32") * 2  # 10 steps with spikes
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
@@ -346,7 +346,7 @@ def test_library_clippers_in_the_transform_match_clip_adaptive(name):
     state = clipper.init(jnp.zeros((), jnp.float32))
     clipped_steps = 0
     for g, (updates, _, tx_state) in zip(grads, history):
-        ref, state, info = gc.clip_adaptive(jax.tree.map(jnp.asarray, g), clipper, state)
+        ref, state, info = gc.clip_stateful(jax.tree.map(jnp.asarray, g), clipper, state)
         ours = tx_state[0]
         np.testing.assert_allclose(ours.norm, info.norm, rtol=1e-6)
         np.testing.assert_allclose(ours.max_norm, info.threshold, rtol=1e-6)

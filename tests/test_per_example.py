@@ -143,5 +143,5 @@ def test_errors():
         gc.per_example_clip([np.ones(3), np.array(1.0)], 1.0)
     with pytest.raises(ValueError, match="reduce"):
         gc.per_example_clip(np.ones((3, 2)), 1.0, reduce="max")
-    with pytest.raises(ValueError, match="l2_norm_clip"):
+    with pytest.raises(ValueError, match="max_norm"):
         gc.per_example_clip(np.ones((3, 2)), -1.0)

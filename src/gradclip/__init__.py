@@ -11,49 +11,49 @@ is chosen from the input's type. Framework integrations live in
 7.4162
 """
 
-from ._adaptive import adaptive_grad_clip, clip_by_block_rms
+from ._clippers import (
+    AutoClip,
+    AutoClipState,
+    ClipInfo,
+    QuantileClip,
+    QuantileClipState,
+    StatefulClipper,
+    ZClip,
+    ZClipState,
+    clip_stateful,
+    clip_stateful_,
+)
 from ._clipping import (
     clip_by_global_norm,
     clip_by_global_norm_,
     clip_by_norm,
     clip_by_value,
     clip_scale,
+    global_norm,
 )
-from ._norms import global_norm
 from ._per_example import per_example_clip
-from ._stateful import (
-    AdaptiveClipper,
-    AutoClip,
-    AutoClipState,
-    ClipInfo,
-    QuantileClip,
-    QuantileClipState,
-    ZClip,
-    ZClipState,
-    clip_adaptive,
-    clip_adaptive_,
-)
+from ._unitwise import adaptive_grad_clip, clip_by_block_rms
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "AdaptiveClipper",
     "AutoClip",
     "AutoClipState",
     "ClipInfo",
     "QuantileClip",
     "QuantileClipState",
+    "StatefulClipper",
     "ZClip",
     "ZClipState",
     "adaptive_grad_clip",
-    "clip_adaptive",
-    "clip_adaptive_",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_global_norm_",
     "clip_by_norm",
     "clip_by_value",
     "clip_scale",
+    "clip_stateful",
+    "clip_stateful_",
     "global_norm",
     "per_example_clip",
 ]

@@ -1,4 +1,4 @@
-"""Clipping by global norm (Pascanu et al.), per-leaf norm and value.
+"""The public clipping functions, and the one clip step they and the clippers share.
 
 Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural
 networks", ICML 2013 (arXiv:1211.5063): when the norm of the gradient exceeds a
@@ -9,31 +9,81 @@ host (``jax.jit``, ``torch.compile``, CUDA graphs and Dask laziness keep working
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import _backends, _checks, _compat, _distributed, _norms, _tree
+from . import _backends, _checks, _compat, _distributed, _reference, _tree
 
 __all__ = [
+    "Step",
     "clip_by_global_norm",
     "clip_by_global_norm_",
     "clip_by_norm",
     "clip_by_value",
     "clip_scale",
+    "clip_step",
+    "global_norm",
 ]
 
 
-def clip_scale(norm: Any, max_norm: Any, eps: float = 0.0) -> Any:
-    """``min(1, max_norm / (norm + eps))``, exactly 1 when ``norm + eps <= max_norm``.
+def global_norm(
+    grads: Any,
+    /,
+    *,
+    ord: float = 2,
+    process_group: Any = None,
+    axis_name: Any = None,
+    replicated: Any = None,
+) -> Any:
+    """The norm of all leaves' elements taken as one vector.
 
-    A NaN norm gives a NaN scale and an infinite norm a zero scale (values flow
-    through, as in torch). The division never sees a zero denominator, so the
-    derivative is finite at a zero norm.
+    Equal to torch's norm of per-tensor norms and to optax's ``global_norm``, but
+    accumulated in float32 for float16/bfloat16 leaves and free of overflow for
+    finite gradients.
+
+    Parameters
+    ----------
+    grads : array or tree of arrays
+        A single array or a nested ``list``/``tuple``/``dict`` (any JAX pytree for
+        JAX arrays) of arrays from one library; ``None`` leaves are skipped.
+    ord : float, optional
+        Any real ``p > 0`` or ``math.inf`` (default 2, the Euclidean norm).
+    process_group : torch ProcessGroup, list of groups or DeviceMesh, optional
+        The norm over the shards that every rank of the group(s) holds: each rank's
+        share is all-reduced, so each shard counts once (see ``docs/distributed.md``).
+        DTensor (FSDP2) leaves are reduced over their own mesh without it.
+    axis_name : str or tuple of str, optional
+        For JAX inside ``shard_map`` or ``pmap``: the axes the leaves are sharded over.
+    replicated : tree of markers or callable, optional
+        Which leaves hold the same values on several ranks and count once: a tree
+        like ``grads`` (or a prefix of it) or a function of each leaf's path, giving
+        ``True`` (the same on every rank), ``False``/``None`` (a shard, the default)
+        or the group(s)/axis name(s) a leaf is replicated over (tied embeddings).
+
+    Returns
+    -------
+    array
+        A 0-d array of the grads' library on the grads' device: float32 for
+        float16/bfloat16/float32 leaves, float64 when any leaf is float64.
+
+    Raises
+    ------
+    ValueError
+        For ``ord`` that is not a real number > 0 or inf, or a tree without arrays.
+    TypeError
+        For a leaf that is not an array or leaves from two libraries.
+
+    Examples
+    --------
+    >>> import numpy as np, gradclip as gc
+    >>> float(gc.global_norm([np.array([3.0]), np.array([4.0])]))
+    5.0
+    >>> gc.global_norm(np.array([3e30, 4e30], dtype=np.float32))  # no overflow
+    array(5.e+30, dtype=float32)
     """
-    xp = _compat.array_namespace(norm)
-    den = norm + eps if eps else norm
-    keep = den <= max_norm  # False for NaN
-    one = xp.ones_like(den)
-    return xp.where(keep, one, _norms.divide(xp, max_norm, xp.where(keep, one, den)))
+    p = _checks.check_ord(ord)
+    plan = _backends.plan(_tree.flatten(grads))
+    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    return _distributed.tree_norm(plan, p, **dist)
 
 
 def clip_by_global_norm(
@@ -107,16 +157,18 @@ def clip_by_global_norm(
     >>> np.round(clipped, 4)
     array([0.4045, 0.809 , 1.2136, 1.6181, 2.0226])
     """
-    tree, p, max_norm, nonfinite = _prepare(grads, max_norm, ord, eps, nonfinite, inplace=False)
-    if process_group is None and axis_name is None and replicated is None:
-        fast = _backends.clip_impl(tree, nonfinite=nonfinite)
-        if fast is not None:  # the whole call compiled at once (eager JAX)
-            leaves, norm = fast(tree, p, max_norm, eps)
-            return tree.unflatten(leaves), norm
-    norm = _distributed.tree_norm(
-        tree, p, process_group=process_group, axis_name=axis_name, replicated=replicated
+    tree = _tree.flatten(grads)
+    step = clip_step(
+        tree,
+        _checks.check_ord(ord),
+        _checks.check_nonneg(max_norm, "max_norm"),
+        eps=_checks.check_nonneg(eps, "eps"),
+        nonfinite=_checks.check_nonfinite(nonfinite),
+        process_group=process_group,
+        axis_name=axis_name,
+        replicated=replicated,
     )
-    return tree.unflatten(_clip(tree, norm, max_norm, eps, nonfinite, inplace=False)[0]), norm
+    return tree.unflatten(step.leaves), step.norm
 
 
 def clip_by_global_norm_(
@@ -154,12 +206,13 @@ def clip_by_global_norm_(
     >>> grads["w"], grads["b"]
     (array([0.6, 0. ]), array([0.8]))
     """
-    tree, p, max_norm, nonfinite = _prepare(grads, max_norm, ord, eps, nonfinite, inplace=True)
-    norm = _distributed.tree_norm(
-        tree, p, process_group=process_group, axis_name=axis_name, replicated=replicated
-    )
-    _clip(tree, norm, max_norm, eps, nonfinite, inplace=True)
-    return norm
+    p = _checks.check_ord(ord)
+    max_norm = _checks.check_nonneg(max_norm, "max_norm")
+    eps = _checks.check_nonneg(eps, "eps")
+    nonfinite = _checks.check_nonfinite(nonfinite)
+    tree = _tree.flatten(grads, inplace=True)  # every leaf checked before any is written
+    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    return clip_step(tree, p, max_norm, eps=eps, nonfinite=nonfinite, inplace=True, **dist).norm
 
 
 def clip_by_norm(grads: Any, /, max_norm: Any, *, ord: float = 2, eps: float = 0.0) -> Any:
@@ -175,12 +228,15 @@ def clip_by_norm(grads: Any, /, max_norm: Any, *, ord: float = 2, eps: float = 0
     >>> out[0], out[1]
     (array([0.6, 0.8]), array([0.5]))
     """
-    tree, p, max_norm, _ = _prepare(grads, max_norm, ord, eps, "propagate", inplace=False)
+    p = _checks.check_ord(ord)
+    max_norm = _checks.check_nonneg(max_norm, "max_norm")
+    eps = _checks.check_nonneg(eps, "eps")
+    tree = _tree.flatten(grads)
     out = []
-    for x, n in zip(tree.leaves, _norms.leaf_norms(tree, p)):
+    for x, n in zip(tree.leaves, _reference.leaf_norms(tree, p)):
         m = _checks.scalar_or_array(tree.xp, max_norm, n.dtype, _compat.device(n))
-        s = _cast(tree, {}, clip_scale(n, m, eps), x)
-        out.append(_compat.as_array(tree.xp, _scaled(tree, x, s)))
+        s = _reference.cast_scale(tree, {}, _reference.clip_scale(n, m, eps=eps), x)
+        out.append(_compat.as_array(tree.xp, _reference.scaled(tree, x, s)))
     return tree.unflatten(out)
 
 
@@ -201,55 +257,119 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
     xp = tree.xp
     out = []
     for x in tree.leaves:
-        c = _checks.scalar_or_array(xp, clip_value, _real_dtype(tree, x), _compat.device(x))
-        if _tree.dtype_kind(xp, x.dtype) == "complex":
+        dt = _reference.real_dtype(tree, x)
+        c = _checks.scalar_or_array(xp, clip_value, dt, _compat.device(x))
+        if _compat.dtype_kind(xp, x.dtype) == "complex":
             # complex gradients: clip the magnitude, keep the phase
-            y = x * clip_scale(xp.abs(x), c)
+            y = x * _reference.clip_scale(xp.abs(x), c)
         else:
             y = xp.clip(x, -xp.astype(c, x.dtype), xp.astype(c, x.dtype))
         out.append(_compat.as_array(xp, y))
     return tree.unflatten(out)
 
 
-# -- shared steps ---------------------------------------------------------------------
+def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
+    """``min(1, max_norm / (norm + eps))``, exactly 1 when ``norm + eps <= max_norm``.
 
+    The factor every clip by global norm multiplies the gradients by, for a norm the
+    caller has (summed over ranks by hand, say). A NaN norm gives a NaN scale and an
+    infinite norm a zero scale (values flow through, as in torch). The division never
+    sees a zero denominator, so the derivative is finite at a zero norm.
 
-def _prepare(
-    grads: Any, max_norm: Any, ord: Any, eps: Any, nonfinite: Any, *, inplace: bool
-) -> tuple[_tree.Tree, float, Any, str]:
-    """Validate every argument and every leaf before anything is computed or written."""
-    p = _checks.check_ord(ord)
+    Examples
+    --------
+    >>> import numpy as np, gradclip as gc
+    >>> float(gc.clip_scale(np.float32(5.0), max_norm=1.0))
+    0.2
+    """
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
     eps = _checks.check_nonneg(eps, "eps")
-    nonfinite = _checks.check_nonfinite(nonfinite)
-    tree = _tree.flatten(grads, promote_int=not inplace)
-    bad = _compat.first_unwritable(tree.leaves, lambda: tree.requires_grad) if inplace else None
-    if bad is not None:
-        raise TypeError(
-            f"{tree.paths[bad[0]]} cannot be clipped in place: {bad[1]}; "
-            "use the functional form gradclip.clip_by_global_norm, which returns new arrays"
-        )
-    return tree, p, max_norm, nonfinite
+    xp = _compat.array_namespace(norm)
+    m = _checks.scalar_or_array(xp, max_norm, norm.dtype, _compat.device(norm))
+    return _compat.as_array(xp, _reference.clip_scale(norm, m, eps=eps))
 
 
-def _clip(
-    tree: _tree.Tree, norm: Any, max_norm: Any, eps: float, nonfinite: str, *, inplace: bool
-) -> tuple[list[Any], Any]:
-    """Every leaf times ``min(1, max_norm / (norm + eps))`` under the ``nonfinite``
-    policy, given the tree's global ``norm``: ``(leaves, scale)``. The one step that
-    every clip by global norm ends with (plain, adaptive, torch's hook, optax's)."""
-    scale = _scale(tree, norm, max_norm, eps, nonfinite)
-    return _apply(tree, scale, norm, nonfinite, inplace=inplace), scale
+# -- the one clip step ---------------------------------------------------------------------
 
 
-def _scale(tree: _tree.Tree, norm: Any, max_norm: Any, eps: float, nonfinite: str) -> Any:
+class Step(NamedTuple):
+    """What one clip step did: the new leaves and 0-d arrays, never read on the host."""
+
+    leaves: list[Any]
+    """The clipped leaves (the same arrays, written, when in place)."""
+    norm: Any
+    """The pre-clip global norm."""
+    max_norm: Any
+    """The threshold used."""
+    scale: Any
+    """The factor every leaf was multiplied by."""
+    state: Any = None
+    """A stateful clipper's new state."""
+
+    @property
+    def clipped(self) -> Any:
+        """Whether the gradients were scaled down: ``scale < 1`` with a finite norm (a
+        non-finite norm is reported as such, not as clipped)."""
+        xp = _compat.array_namespace(self.scale)
+        return _compat.as_array(xp, (self.scale < 1) & xp.isfinite(self.norm))
+
+
+def clip_step(
+    tree: _tree.Tree,
+    p: float,
+    max_norm: Any = None,
+    *,
+    eps: float = 0.0,
+    nonfinite: str = "propagate",
+    inplace: bool = False,
+    clipper: Any = None,
+    state: Any = None,
+    norm: Any = None,
+    plan: _backends.Plan | None = None,
+    process_group: Any = None,
+    axis_name: Any = None,
+    replicated: Any = None,
+) -> Step:
+    """The step every clip by global norm is made of: the norm, the threshold, the
+    scale ``min(1, max_norm / (norm + eps))``, and the multiply under the
+    ``nonfinite`` policy.
+
+    Its arguments are checked by the caller. The threshold is ``max_norm``, or what a
+    stateful ``clipper`` gives for this step's norm (``clipper.threshold(state,
+    norm)``); ``norm`` may be given (torch's ``clip_grads_with_norm_``). The backend
+    is chosen once per call (here, or by the caller: ``plan``) and serves every part
+    of the step.
+    """
+    plan = _backends.plan(tree) if plan is None else plan
+    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    local = all(v is None for v in dist.values())
+    if norm is None and clipper is None and not inplace and local:
+        compiled = plan.compiled(_whole, p=p, eps=eps, nonfinite=nonfinite)
+        if compiled is not None:  # eager JAX: the whole step in one compiled call
+            leaves, norm, scale = compiled(max_norm)
+            return Step(leaves, norm, max_norm, scale)
+    if norm is None:
+        norm = _distributed.tree_norm(plan, p, **dist)
+    if clipper is not None:
+        max_norm, state = clipper.threshold(state, norm)
+        max_norm = _threshold(tree, norm, max_norm)
     if nonfinite == "raise":
         _raise_if_nonfinite(tree, norm)
-    fast = _backends.clip_scale_impl(tree)
-    if fast is not None:
-        return fast(norm, max_norm, eps)
+    scale = plan.clip_scale(norm, max_norm, eps)
+    return Step(plan.scale(scale, norm, nonfinite, inplace=inplace), norm, max_norm, scale, state)
+
+
+def _whole(tree: _tree.Tree, max_norm: Any, *, p: float, eps: float, nonfinite: str) -> tuple:
+    step = clip_step(tree, p, max_norm, eps=eps, nonfinite=nonfinite)
+    return step.leaves, step.norm, step.scale
+
+
+def _threshold(tree: _tree.Tree, norm: Any, max_norm: Any) -> Any:
+    """A stateful clipper's threshold as a 0-d array of the norm's dtype and device,
+    checked as a ``max_norm`` argument is (a Python number must be >= 0)."""
+    max_norm = _checks.check_nonneg(max_norm, "the clipper's threshold")
     m = _checks.scalar_or_array(tree.xp, max_norm, norm.dtype, tree.device)
-    return clip_scale(norm, m, eps)
+    return _reference.to_common_device(tree, m)
 
 
 def _raise_if_nonfinite(tree: _tree.Tree, norm: Any) -> None:
@@ -264,93 +384,3 @@ def _raise_if_nonfinite(tree: _tree.Tree, norm: Any) -> None:
             f"the global norm of the gradients is {float(norm)}: a gradient is inf or NaN "
             "(pass nonfinite='zero' to zero the step instead, or 'propagate')"
         )
-
-
-def _apply(tree: _tree.Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list[Any]:
-    """Multiply every leaf by ``scale`` (zeroing all when the norm is not finite and
-    ``nonfinite == "zero"``); in place when asked, else returning new leaves."""
-    fast = _backends.scale_impl(tree, inplace=inplace)
-    if fast is not None and nonfinite != "zero":
-        return fast(tree, scale)
-    tree = _backends.barrier(tree)
-    xp = tree.xp
-    ok = xp.isfinite(norm) if nonfinite == "zero" else None
-    if ok is not None:  # a NaN norm makes a NaN scale
-        scale = xp.where(ok, scale, xp.zeros_like(scale))
-    casts: dict[Any, Any] = {}
-    out = []
-    for x in tree.leaves:
-        s = _cast(tree, casts, scale, x)
-        if inplace and ok is None and _multiplies_in_place(x):
-            x *= s
-            out.append(x)
-            continue
-        if ok is not None:  # zero the leaf before scaling, so inf * 0 never makes a NaN
-            zero = xp.zeros((), dtype=x.dtype, device=_dev(x))
-            y = _scaled(tree, xp.where(_to_device(ok, x), x, zero), s)
-        else:
-            y = _scaled(tree, x, s)
-        if inplace:
-            x[...] = y
-            y = x
-        out.append(_compat.as_array(xp, y))
-    return out
-
-
-def _multiplies_in_place(x: Any) -> bool:
-    """NumPy, CuPy and torch compute ``x *= s`` in the scale's precision (a float32
-    scale on a float16 leaf is rounded once), so the operator needs no temporary."""
-    return _compat.is_numpy_array(x) or _compat.is_torch_array(x) or _compat.is_cupy_array(x)
-
-
-def _scaled(tree: _tree.Tree, x: Any, scale: Any) -> Any:
-    """``x * scale`` in the leaf's dtype, for a ``scale`` from :func:`_cast`:
-    float16/bfloat16 leaves are multiplied in float32 and rounded once."""
-    xp = tree.xp
-    if scale.dtype != x.dtype and _tree.dtype_kind(xp, x.dtype) == "low":
-        return xp.astype(xp.astype(x, scale.dtype) * scale, x.dtype)
-    return x * scale
-
-
-def _cast(tree: _tree.Tree, cache: dict[Any, Any], scale: Any, x: Any) -> Any:
-    """The scale in the dtype (and on the device) to multiply leaf ``x`` by: the
-    leaf's real dtype, or the scale's own float32 for low-precision leaves."""
-    xp = tree.xp
-    kind = _tree.dtype_kind(xp, x.dtype)
-    key = (x.dtype, _device_key(x) if _moves(x) else None)
-    if key not in cache:
-        s = _to_device(scale, x)
-        if kind != "low":
-            dt = _real_dtype(tree, x)
-            s = s if s.dtype == dt else xp.astype(s, dt)
-        elif scale.dtype != xp.float32:
-            s = xp.astype(s, xp.float32)
-        cache[key] = s
-    return cache[key]
-
-
-def _real_dtype(tree: _tree.Tree, x: Any) -> Any:
-    xp = tree.xp
-    if _tree.dtype_kind(xp, x.dtype) == "complex":
-        return xp.float64 if x.dtype == xp.complex128 else xp.float32
-    return x.dtype
-
-
-def _moves(x: Any) -> bool:
-    return _compat.is_torch_array(x) or _compat.is_cupy_array(x)
-
-
-def _dev(x: Any) -> Any:
-    return _compat.device(x)
-
-
-def _device_key(x: Any) -> Any:
-    """A hashable name of a torch/CuPy array's device (CuPy's devices are not)."""
-    return x.device.id if _compat.is_cupy_array(x) else x.device
-
-
-def _to_device(v: Any, x: Any) -> Any:
-    """``v`` on ``x``'s device, for leaves spread over several torch/CuPy devices."""
-    if _moves(x) and v.device != x.device:
-        return _compat.to_device(v, x.device)
-    return v

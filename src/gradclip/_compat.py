@@ -6,6 +6,7 @@ library test, so the choice of backend is made from the input's type in one plac
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import sys
 from collections.abc import Callable
@@ -28,10 +29,12 @@ from array_api_compat import (
 
 __all__ = [
     "accumulation_dtype",
+    "any_requires_grad",
     "array_namespace",
     "as_array",
     "default_float",
     "device",
+    "dtype_kind",
     "first_unwritable",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -105,6 +108,11 @@ _WRITEABLE = operator.attrgetter("flags.writeable")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
+def any_requires_grad(leaves: Any) -> bool:
+    """True when any of the (torch) ``leaves`` requires grad: one pass at C speed."""
+    return any(map(_REQUIRES_GRAD, leaves))
+
+
 def first_unwritable(
     leaves: Any, requires_grad: Callable[[], bool] | None = None
 ) -> tuple[int, str] | None:
@@ -124,7 +132,7 @@ def first_unwritable(
         is_torch_array(x)
         and not _torch_compiling()
         and not _torch_inference_mode()
-        and not (any(map(_REQUIRES_GRAD, leaves)) if requires_grad is None else requires_grad())
+        and not (any_requires_grad(leaves) if requires_grad is None else requires_grad())
         and not any(map(sys.modules["torch"].Tensor.is_inference, leaves))
     ):
         return None
@@ -167,3 +175,39 @@ def accumulation_dtype(xp: Any, dtypes: Any) -> Any:
         if dt == f64 or (c128 is not None and dt == c128):
             return f64
     return xp.float32
+
+
+# keyed by the namespace's name, not the module: torch.compile cannot hash a module
+_KINDS: dict[tuple[str, Any], str] = {}
+
+
+def dtype_kind(xp: Any, dt: Any) -> str:
+    """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"int"``,
+    ``"bool"`` or ``"other"`` (cached: it runs once per leaf per call)."""
+    key = (xp.__name__, dt)
+    try:
+        return _KINDS[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype
+        pass
+    kind = _dtype_kind(xp, dt)
+    with contextlib.suppress(TypeError):
+        _KINDS[key] = kind
+    return kind
+
+
+def _dtype_kind(xp: Any, dt: Any) -> str:
+    name = str(getattr(dt, "name", dt)).rsplit(".", 1)[-1]
+    if name in ("float16", "bfloat16") or name.startswith("float8"):
+        return "low"
+    for kind, key in (
+        ("bool", "bool"),
+        ("int", "integral"),
+        ("float", "real floating"),
+        ("complex", "complex floating"),
+    ):
+        try:
+            if xp.isdtype(dt, key):
+                return kind
+        except TypeError:  # dtypes unknown to the namespace (ml_dtypes in NumPy)
+            break
+    return "other"

@@ -19,7 +19,7 @@ sums the shards once each. Nothing is read back to the host: ranks are host inte
 The ranks' local norms ``n_r`` are combined without overflow by two scalar
 collectives: ``M = max_r n_r``, then ``S = sum_r (n_r / M) ** p`` and
 ``norm = M * S ** (1/p)``, the same scaled form as the per-leaf combination in
-:mod:`._norms`. Every summed term is at most 1, so this holds for any ``p``, for float64
+:mod:`._reference`. Every summed term is at most 1, so this holds for any ``p``, for float64
 gradients and on devices without float64 (a single float64 sum of ``n_r ** p`` would
 overflow for large ``p`` or float64 gradients). The two reductions move 3 numbers
 each, so the extra latency is negligible next to the gradients' own all-reduce.
@@ -33,7 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _compat, _norms, _tree
+from . import _backends, _compat, _tree
+from ._reference import divide, safe_scale, scaled_root
 
 __all__ = ["tree_norm"]
 
@@ -41,20 +42,21 @@ Reduce = Callable[[Any], Any]
 
 
 def tree_norm(
-    tree: _tree.Tree,
+    plan: _backends.Plan,
     p: float,
     *,
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> Any:
-    """The global ``p``-norm of ``tree`` over the ranks, or the local one when nothing
-    is distributed (no group, no axis name, no DTensor leaf)."""
-    plan = _plan(tree, process_group, axis_name, replicated)
-    if plan is None:
-        return _norms.tree_norm(tree, p)
+    """The global ``p``-norm of ``plan``'s tree over the ranks, or the local one when
+    nothing is distributed (no group, no axis name, no DTensor leaf)."""
+    tree = plan.tree
+    ranks = _plan(tree, process_group, axis_name, replicated)
+    if ranks is None:
+        return plan.norm(p)
     return _reduce_norm(
-        tree, _local_norm(tree, plan.buckets, p), plan.reduce_max, plan.reduce_sum, p
+        tree, _local_norm(tree, ranks.buckets, p), ranks.reduce_max, ranks.reduce_sum, p
     )
 
 
@@ -97,12 +99,12 @@ def _local_norm(tree: _tree.Tree, buckets: list[tuple[list[Any], Any]], p: float
     zero = xp.zeros((), dtype=tree.acc_dtype, device=tree.device)
     norms = []
     for leaves, mask in buckets:
-        n = _norms.tree_norm(_tree.flatten(leaves), p)
+        n = _backends.plan(_tree.flatten(leaves)).norm(p)
         n = n if n.dtype == tree.acc_dtype else xp.astype(n, tree.acc_dtype)
         norms.append(n if mask is True else xp.where(mask, n, zero))
     if not norms:
         return zero
-    return norms[0] if len(norms) == 1 else _norms.tree_norm(_tree.flatten(norms), p)
+    return norms[0] if len(norms) == 1 else _backends.plan(_tree.flatten(norms)).norm(p)
 
 
 def _reduce_norm(
@@ -119,8 +121,8 @@ def _reduce_norm(
     if math.isinf(p):
         norm = big
     else:
-        r = _norms.divide(xp, local, _norms._safe_scale(xp, big))
-        norm = _norms._scaled_root(
+        r = divide(xp, local, safe_scale(xp, big))
+        norm = scaled_root(
             xp, big, reduce_sum(r * r if p == 2 else r if p == 1 else xp.pow(r, p)), p
         )
     return xp.where(any_nan, xp.full_like(norm, math.nan), norm)

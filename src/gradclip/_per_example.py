@@ -5,15 +5,15 @@ Differential Privacy", CCS 2016 (arXiv:1607.00133), algorithm 1: each example's
 gradient ``g_i`` is clipped to ``g_i / max(1, ||g_i|| / C)`` before the batch is summed
 (and noised, which is left to the caller). Every example's norm is taken at once by
 reducing every axis but the batch axis, with the overflow-free scaling of
-:mod:`gradclip._norms`; there is no Python loop over examples.
+:mod:`gradclip._reference`; there is no Python loop over examples.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import _checks, _compat, _norms, _tree
-from ._clipping import _cast, _scaled, clip_scale
+from . import _checks, _compat, _tree
+from ._reference import cast_scale, clip_scale, example_norms, scaled
 
 __all__ = ["per_example_clip"]
 
@@ -21,9 +21,9 @@ _REDUCE = ("sum", "mean", "none")
 
 
 def per_example_clip(
-    grads: Any, l2_norm_clip: Any, /, *, reduce: str = "sum", eps: float = 0.0
+    grads: Any, /, max_norm: Any, *, reduce: str = "sum", eps: float = 0.0
 ) -> tuple[Any, Any, Any]:
-    """Clip each example's gradient to global L2 norm ``l2_norm_clip``, then reduce.
+    """Clip each example's gradient to global L2 norm ``max_norm``, then reduce.
 
     Axis 0 of every leaf is the batch. Example ``i`` is scaled by
     ``min(1, C / (||g_i|| + eps))``, ``||g_i||`` being the norm of all its elements
@@ -37,7 +37,7 @@ def per_example_clip(
     ----------
     grads : tree of arrays
         Per-example gradients, every leaf with the same leading batch size.
-    l2_norm_clip : float or 0-d array
+    max_norm : float or 0-d array
         ``C``, the largest norm an example may contribute.
     reduce : {"sum", "mean", "none"}, optional
         Sum the clipped examples (DP-SGD, optax), average them, or return them all
@@ -67,14 +67,14 @@ def per_example_clip(
     """
     if reduce not in _REDUCE:
         raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
-    l2_norm_clip = _checks.check_nonneg(l2_norm_clip, "l2_norm_clip")
+    max_norm = _checks.check_nonneg(max_norm, "max_norm")
     eps = _checks.check_nonneg(eps, "eps")
     tree = _tree.flatten(grads)
     xp = tree.xp
     batch = _batch_size(tree)
-    norms = _norms.example_norms(tree, 2.0)
-    c = _checks.scalar_or_array(xp, l2_norm_clip, norms.dtype, _compat.device(norms))
-    scale = clip_scale(norms, c, eps)
+    norms = example_norms(tree, 2.0)
+    c = _checks.scalar_or_array(xp, max_norm, norms.dtype, _compat.device(norms))
+    scale = clip_scale(norms, c, eps=eps)
     scale = xp.where(xp.isnan(scale), xp.ones_like(scale), scale)  # a NaN example: as optax
     num_clipped = xp.sum(xp.astype(scale < 1, xp.int32))
     if reduce == "mean":
@@ -82,9 +82,9 @@ def per_example_clip(
     casts: dict[Any, Any] = {}
     out = []
     for x in tree.leaves:
-        s = _cast(tree, casts, scale, x)  # the leaf's real dtype (float32 for 16-bit leaves)
+        s = cast_scale(tree, casts, scale, x)  # the leaf's real dtype (float32 for 16-bit leaves)
         if reduce == "none":
-            y = _scaled(tree, x, xp.reshape(s, (batch,) + (1,) * (x.ndim - 1)))
+            y = scaled(tree, x, xp.reshape(s, (batch,) + (1,) * (x.ndim - 1)))
         else:
             y = _weighted_sum(tree, x, s)
         out.append(_compat.as_array(xp, y))
@@ -110,7 +110,7 @@ def _weighted_sum(tree: _tree.Tree, x: Any, s: Any) -> Any:
     """``sum_i s[i] * x[i]`` over axis 0 (a matrix-vector product) in the leaf's dtype;
     16-bit leaves are summed in float32 and rounded once."""
     xp = tree.xp
-    kind = _tree.dtype_kind(xp, x.dtype)
+    kind = _compat.dtype_kind(xp, x.dtype)
     if x.shape[0] == 0:
         return xp.zeros(x.shape[1:], dtype=x.dtype, device=_compat.device(x))
     if kind == "low":

@@ -8,20 +8,18 @@ and namedtuples their type, which ``jax.tree_util`` alone would not guarantee.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import itertools
 import math
 import sys
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import _compat
 
-__all__ = ["Tree", "dtype_kind", "flatten", "memo"]
+__all__ = ["Tree", "check_same_structure", "flatten", "size"]
 
 Rebuild = Callable[[Any], Any]
 
@@ -44,78 +42,19 @@ class Tree:
 
     @property
     def numel(self) -> int:
-        return sum(_size(x) for x in self.leaves)
+        return sum(size(x) for x in self.leaves)
 
     @functools.cached_property
     def requires_grad(self) -> bool:
         """True when a leaf is a torch tensor that requires grad (one C-level pass,
         shared by the checks of one call)."""
         torch = self.xp is not None and _compat.is_torch_namespace(self.xp)
-        return torch and any(map(_compat._REQUIRES_GRAD, self.leaves))
+        return torch and _compat.any_requires_grad(self.leaves)
 
 
-# (weak reference to the last tree asked about, {what: value}): a call's norm and its
-# scaling both ask a fast path for facts of the same tree (its kind, groups, sizes)
-_last: tuple[Any, dict[str, Any]] = (lambda: None, {})
-
-
-def _forget(ref: Any) -> None:
-    global _last
-    if _last[0] is ref:  # what was found goes with the tree, not with the next call
-        _last = (lambda: None, {})
-
-
-def memo(tree: Tree, what: str, find: Callable[[Tree], Any]) -> Any:
-    """``find(tree)``, computed once per tree and ``what`` (for the last tree only,
-    dropped when it goes)."""
-    global _last
-    last_tree, found = _last
-    if last_tree() is not tree:
-        found = {}
-        _last = (weakref.ref(tree, _forget), found)
-    if what not in found:
-        found[what] = find(tree)
-    return found[what]
-
-
-def _size(x: Any) -> int:
+def size(x: Any) -> int:
+    """The number of elements of array ``x``."""
     return math.prod([int(s) for s in x.shape]) if x.shape else 1
-
-
-# keyed by the namespace's name, not the module: torch.compile cannot hash a module
-_KINDS: dict[tuple[str, Any], str] = {}
-
-
-def dtype_kind(xp: Any, dt: Any) -> str:
-    """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"int"``,
-    ``"bool"`` or ``"other"`` (cached: it runs once per leaf per call)."""
-    key = (xp.__name__, dt)
-    try:
-        return _KINDS[key]
-    except (KeyError, TypeError):  # TypeError: an unhashable dtype
-        pass
-    kind = _dtype_kind(xp, dt)
-    with contextlib.suppress(TypeError):
-        _KINDS[key] = kind
-    return kind
-
-
-def _dtype_kind(xp: Any, dt: Any) -> str:
-    name = str(getattr(dt, "name", dt)).rsplit(".", 1)[-1]
-    if name in ("float16", "bfloat16") or name.startswith("float8"):
-        return "low"
-    for kind, key in (
-        ("bool", "bool"),
-        ("int", "integral"),
-        ("float", "real floating"),
-        ("complex", "complex floating"),
-    ):
-        try:
-            if xp.isdtype(dt, key):
-                return kind
-        except TypeError:  # dtypes unknown to the namespace (ml_dtypes in NumPy)
-            break
-    return "other"
 
 
 class _IndexPaths(Sequence[str]):
@@ -212,13 +151,14 @@ def flatten(
     tree: Any,
     name: str = "grads",
     *,
-    promote_int: bool = True,
+    inplace: bool = False,
     allow_empty: bool = False,
 ) -> Tree:
     """Flatten ``tree`` and check that its leaves are arrays of one library.
 
-    Integer leaves are promoted to the namespace's default floating dtype when
-    ``promote_int`` is true and are a ``TypeError`` otherwise (in-place calls).
+    Integer leaves are promoted to the namespace's default floating dtype; with
+    ``inplace`` they are a ``TypeError``, and so is any leaf that cannot be written
+    in place (checked here, before anything is computed or written).
     """
     flat = _flat_sequence(tree, name)
     if flat is not None:
@@ -234,24 +174,31 @@ def flatten(
     xp = _namespace(leaves, paths)
     dev = _compat.device(leaves[0])
     try:
-        kinds = {dt: dtype_kind(xp, dt) for dt in {x.dtype for x in leaves}}
+        kinds = {dt: _compat.dtype_kind(xp, dt) for dt in {x.dtype for x in leaves}}
     except TypeError:  # an unhashable dtype: leaf by leaf
         kinds = None
     if kinds is None or any(k not in ("low", "float", "complex") for k in kinds.values()):
-        leaves = _promote_or_raise(xp, leaves, paths, promote_int)
+        leaves = _promote_or_raise(xp, leaves, paths, promote_int=not inplace)
         kinds = None
     acc = _compat.accumulation_dtype(xp, [x.dtype for x in leaves] if kinds is None else kinds)
-    return Tree(leaves, paths, xp, acc, dev, rebuild, None if kinds is None else frozenset(kinds))
+    out = Tree(leaves, paths, xp, acc, dev, rebuild, None if kinds is None else frozenset(kinds))
+    bad = _compat.first_unwritable(leaves, lambda: out.requires_grad) if inplace else None
+    if bad is not None:
+        raise TypeError(
+            f"{paths[bad[0]]} cannot be clipped in place: {bad[1]}; "
+            "use the functional form gradclip.clip_by_global_norm, which returns new arrays"
+        )
+    return out
 
 
 def _promote_or_raise(
-    xp: Any, leaves: Sequence[Any], paths: Sequence[str], promote_int: bool
+    xp: Any, leaves: Sequence[Any], paths: Sequence[str], *, promote_int: bool
 ) -> list[Any]:
     """The leaves with integer ones promoted to the default float (a new list); a
     ``TypeError`` naming the first leaf that is not floating point."""
     out = list(leaves)
     for i, x in enumerate(leaves):
-        kind = dtype_kind(xp, x.dtype)
+        kind = _compat.dtype_kind(xp, x.dtype)
         if kind == "int" and promote_int:
             out[i] = xp.astype(x, _compat.default_float(xp, _compat.device(x)))
         elif kind not in ("low", "float", "complex"):

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _adaptive, _checks, _clipping, _norms, _tree
-from ._stateful import AdaptiveClipper
+from . import _backends, _checks, _clipping, _tree, _unitwise
+from ._clippers import StatefulClipper
 
 __all__ = [
     "ClipByGlobalNormState",
@@ -58,7 +58,8 @@ class ClipByGlobalNormState(NamedTuple):
     max_norm
         The threshold the clipper gave for the last update (0 before the first).
     clipped
-        Whether the last update was scaled down (``False`` before the first).
+        Whether the last update was scaled down (``False`` before the first, and for
+        a non-finite norm, which ``norm`` shows).
     """
 
     clipper_state: Any
@@ -94,6 +95,8 @@ def clip_by_global_norm(
     eps: float = 0.0,
     nonfinite: str = "propagate",
     ord: float = 2,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """Scale the updates by ``min(1, max_norm / (norm + eps))`` (Pascanu et al.).
 
@@ -105,10 +108,10 @@ def clip_by_global_norm(
 
     Parameters
     ----------
-    max_norm : float, 0-d array or AdaptiveClipper
+    max_norm : float, 0-d array or StatefulClipper
         The threshold (``>= 0``), or a stateful clipper (an object with
         ``init(like) -> state`` and ``threshold(state, norm) -> (max_norm, state)``,
-        see :class:`gradclip.AdaptiveClipper`) that gives a threshold at every step.
+        see :class:`gradclip.StatefulClipper`) that gives a threshold at every step.
     eps : float, optional
         Added to the norm before dividing (default 0, optax's rule; torch uses 1e-6).
     nonfinite : {"propagate", "raise", "zero"}, optional
@@ -119,6 +122,10 @@ def clip_by_global_norm(
         under ``jax.jit``.
     ord : float, optional
         The norm's order: any real ``p > 0`` or ``math.inf`` (default 2).
+    axis_name, replicated : optional
+        Inside ``shard_map`` or ``pmap``, the axes the updates are sharded over and
+        which leaves are replicated, as in :func:`gradclip.global_norm`: every device
+        then clips by the norm of the whole model.
 
     ``ord`` and ``eps`` must be Python numbers; ``max_norm`` may be an array, so
     ``optax.inject_hyperparams(clip_by_global_norm, static_args=("ord", "eps"))``
@@ -142,10 +149,22 @@ def clip_by_global_norm(
     """
     p, eps = _static_options(ord, eps)
     nonfinite = _checks.check_nonfinite(nonfinite)
-    if isinstance(max_norm, AdaptiveClipper):
-        return _with_clipper(max_norm, p, eps, nonfinite)
+    options = {
+        "eps": eps,
+        "nonfinite": nonfinite,
+        "axis_name": axis_name,
+        "replicated": replicated,
+    }
+    if isinstance(max_norm, StatefulClipper):
+        return _with_clipper(max_norm, p, options)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
-    return _stateless(_clip_global, max_norm, ord=p, eps=eps, nonfinite=nonfinite)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        tree = _tree.flatten(updates, "updates")
+        return tree.unflatten(_clipping.clip_step(tree, p, max_norm, **options).leaves), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def clip_by_norm(
@@ -209,7 +228,7 @@ def adaptive_grad_clip(
     clipping = _checks.check_nonneg(clipping, "clipping")
     eps = _checks.check_nonneg(eps, "eps")
     return _stateless(
-        _adaptive.adaptive_grad_clip,
+        _unitwise.adaptive_grad_clip,
         clipping,
         eps=eps,
         axis=axis,
@@ -232,7 +251,7 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformation:
     [0.8485 1.1314]
     """
     threshold = _checks.check_nonneg(threshold, "threshold")
-    return _stateless(_adaptive.clip_by_block_rms, threshold)
+    return _stateless(_unitwise.clip_by_block_rms, threshold)
 
 
 def skip_nonfinite(
@@ -346,12 +365,8 @@ def _static_options(ord: Any, eps: Any) -> tuple[float, float]:
     return _checks.check_ord(ord), _checks.check_nonneg(eps, "eps")
 
 
-def _clip_global(updates: Any, max_norm: Any, **kwargs: Any) -> Any:
-    return _clipping.clip_by_global_norm(updates, max_norm, **kwargs)[0]
-
-
 def _with_clipper(
-    clipper: AdaptiveClipper, p: float, eps: float, nonfinite: str
+    clipper: StatefulClipper, p: float, options: dict[str, Any]
 ) -> optax.GradientTransformation:
     """:func:`clip_by_global_norm` with a threshold from a stateful clipper."""
 
@@ -365,17 +380,27 @@ def _with_clipper(
     ) -> tuple[Any, ClipByGlobalNormState]:
         del params
         tree = _tree.flatten(updates, "updates")
-        norm = _norms.tree_norm(tree, p)
         dt = state.norm.dtype  # the state keeps its dtypes from step to step
-        max_norm, clipper_state = clipper.threshold(state.clipper_state, norm.astype(dt))
-        leaves, scale = _clipping._clip(tree, norm, max_norm, eps, nonfinite, inplace=False)
-        clipped = tree.unflatten(leaves)
-        new = ClipByGlobalNormState(
-            clipper_state, norm.astype(dt), jnp.asarray(max_norm, dt), scale < 1
+        step = _clipping.clip_step(
+            tree, p, clipper=_InDtype(clipper, dt), state=state.clipper_state, **options
         )
-        return clipped, new
+        new = ClipByGlobalNormState(
+            step.state, step.norm.astype(dt), step.max_norm.astype(dt), step.clipped
+        )
+        return tree.unflatten(step.leaves), new
 
     return optax.GradientTransformation(init, update)
+
+
+class _InDtype:
+    """A clipper that sees the norm in its state's dtype (the state's dtypes stay
+    the same from step to step, as ``lax.scan`` needs)."""
+
+    def __init__(self, clipper: StatefulClipper, dtype: Any) -> None:
+        self.clipper, self.dtype = clipper, dtype
+
+    def threshold(self, state: Any, norm: Any) -> tuple[Any, Any]:
+        return self.clipper.threshold(state, norm.astype(self.dtype))
 
 
 def _increment(count: jax.Array) -> jax.Array:
@@ -388,4 +413,4 @@ def _all_finite(updates: Any) -> jax.Array:
     tree = _tree.flatten(updates, "updates", allow_empty=True)
     if not tree.leaves:
         return jnp.asarray(True)
-    return jnp.isfinite(_norms.tree_norm(tree, math.inf))
+    return jnp.isfinite(_backends.plan(tree).norm(math.inf))

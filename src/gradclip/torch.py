@@ -38,7 +38,7 @@ from torch.utils._foreach_utils import (
 )
 
 from . import _backends, _checks, _clipping, _distributed, _tree
-from ._stateful import AdaptiveClipper
+from ._clippers import StatefulClipper
 
 __all__ = [
     "ClipHandle",
@@ -131,9 +131,12 @@ def clip_grad_norm_(
             )
     max_norm = _checks.check_nonneg(max_norm, "max_norm")  # before anything is computed
     tree, dist = _grad_tree(parameters, process_group, replicated)
-    norm = _total_norm(tree, norm_type, error_if_nonfinite, foreach, dist)
-    if tree is not None:
-        _scale_tree(tree, max_norm, norm, foreach)
+    if tree is None:
+        return torch.tensor(0.0)
+    with torch.no_grad(), _mode(tree.leaves, foreach):
+        plan = _backends.plan(tree)  # one plan for the norm and the scaling
+        norm = _total_norm(plan, norm_type, error_if_nonfinite, foreach, dist)
+        _scale(plan, max_norm, norm)
     return norm
 
 
@@ -159,9 +162,12 @@ def get_total_norm(
     tensor(5.0000e+30)
     """
     tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    tree = _tree.flatten(tensors, "grads") if tensors else None
+    if not tensors:
+        return torch.tensor(0.0)
+    tree = _tree.flatten(tensors, "grads")
     dist = _dist_options(tensors, process_group, replicated)
-    return _total_norm(tree, norm_type, error_if_nonfinite, foreach, dist)
+    with torch.no_grad(), _mode(tree.leaves, foreach):
+        return _total_norm(_backends.plan(tree), norm_type, error_if_nonfinite, foreach, dist)
 
 
 def clip_grads_with_norm_(
@@ -187,9 +193,12 @@ def clip_grads_with_norm_(
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
     total_norm = _checks.check_nonneg(total_norm, "total_norm")
-    grads = _grads(parameters)
-    if grads:
-        _scale_tree(_inplace_tree(grads), max_norm, total_norm, foreach)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    tree = _tree.flatten(grads, inplace=True)
+    with torch.no_grad(), _mode(tree.leaves, foreach):
+        _scale(_backends.plan(tree), max_norm, total_norm)
 
 
 def clip_grad_value_(
@@ -215,15 +224,15 @@ def clip_grad_value_(
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     c = _checks.check_nonneg(clip_value, "clip_value")
     c = c if isinstance(c, torch.Tensor) else float(c)
-    grads = _grads(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    tree = _inplace_tree(grads)
+    tree = _tree.flatten(grads, inplace=True)
     _check_foreach(grads, foreach)
     with torch.no_grad():
         groups = _group_tensors_by_device_and_dtype([tree.leaves])
         for (device, dtype), ([group], _) in groups.items():
-            if dtype.is_complex:  # the core's rule: scale each element's magnitude
+            if dtype.is_complex:  # the reference's rule: scale each element's magnitude
                 for g, clipped in zip(group, _clipping.clip_by_value(group, c)):
                     g.copy_(clipped)
             elif (
@@ -251,8 +260,9 @@ class ClipHandle:
         The pre-clip global norm and the threshold of the last step (0-d tensors on
         the gradients' device, never read to the host); ``None`` before the first.
     last_clipped : Tensor or None
-        A 0-d bool tensor: whether the last step's gradients were changed
-        (scaled down, or zeroed or made NaN by a non-finite norm).
+        A 0-d bool tensor: whether the last step's gradients were scaled down
+        (``scale < 1`` with a finite norm; a non-finite ``last_norm`` is not
+        counted as clipped).
     state : NamedTuple or None
         A stateful clipper's state (``None`` for a fixed threshold, and before the
         first step).
@@ -261,7 +271,7 @@ class ClipHandle:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        max_norm: float | torch.Tensor | AdaptiveClipper,
+        max_norm: float | torch.Tensor | StatefulClipper,
         p: float,
         eps: float,
         nonfinite: str,
@@ -270,7 +280,7 @@ class ClipHandle:
     ) -> None:
         self.optimizer = optimizer
         self._dist = (process_group, replicated)
-        stateful = isinstance(max_norm, AdaptiveClipper)
+        stateful = isinstance(max_norm, StatefulClipper)
         self.clipper = max_norm if stateful else None
         self.max_norm = None if stateful else _checks.check_nonneg(max_norm, "max_norm")
         self.p, self.eps, self.nonfinite = p, eps, nonfinite
@@ -289,23 +299,34 @@ class ClipHandle:
         tree, dist = _grad_tree(params, *self._dist)
         if tree is None:
             return
+        limit, like = self.max_norm, {"dtype": tree.acc_dtype, "device": tree.device}
+        if self.clipper is None:
+            # a tensor of the norm's dtype, read as last_threshold (a fill, no host read)
+            is_tensor = isinstance(limit, torch.Tensor)
+            limit = limit.to(**like) if is_tensor else torch.full((), float(limit), **like)
+        elif self.state is None:
+            self.state = self.clipper.init(torch.zeros((), **like))
         with torch.no_grad():
-            norm = _distributed.tree_norm(tree, self.p, **dist)
-            if self.clipper is None:
-                limit = _checks.scalar_or_array(tree.xp, self.max_norm, norm.dtype, norm.device)
-                limit = _on(limit, norm.device)
-            else:
-                if self.state is None:
-                    self.state = self.clipper.init(torch.zeros_like(norm))
-                limit, self.state = self.clipper.threshold(self.state, norm)
-            _, scale = _clipping._clip(tree, norm, limit, self.eps, self.nonfinite, inplace=True)
-        self.last_norm, self.last_threshold = norm, limit
-        self.last_clipped = scale != 1  # exactly 1 when kept; NaN and 0 when not finite
+            step = _clipping.clip_step(
+                tree,
+                self.p,
+                limit,
+                eps=self.eps,
+                nonfinite=self.nonfinite,
+                inplace=True,
+                clipper=self.clipper,
+                state=self.state,
+                **dist,
+            )
+        if self.clipper is not None:
+            self.state = step.state
+        self.last_norm, self.last_threshold = step.norm, step.max_norm
+        self.last_clipped = step.clipped
 
 
 def clip_before_step(
     optimizer: torch.optim.Optimizer,
-    max_norm: float | torch.Tensor | AdaptiveClipper,
+    max_norm: float | torch.Tensor | StatefulClipper,
     *,
     norm_type: float = 2.0,
     eps: float = EPS,
@@ -365,38 +386,24 @@ def clip_before_step(
 # -- shared steps ---------------------------------------------------------------------
 
 
-def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [p.grad for p in parameters if p.grad is not None]
-
-
 def _grad_tree(
     parameters: list[torch.Tensor], process_group: Any, replicated: Any
 ) -> tuple[_tree.Tree | None, dict[str, Any]]:
     """The ``.grad`` of the parameters that have one, as a tree checked writable
-    (``None`` when none has), and the core's distributed options for them."""
+    (``None`` when none has), and the distributed options for them."""
     with_grad = [p for p in parameters if p.grad is not None]
-    tree = _inplace_tree([p.grad for p in with_grad]) if with_grad else None
+    tree = _tree.flatten([p.grad for p in with_grad], inplace=True) if with_grad else None
     return tree, _dist_options(with_grad, process_group, replicated)
 
 
 def _dist_options(tensors: list[torch.Tensor], process_group: Any, replicated: Any) -> dict:
-    """The core's distributed options, with ``replicated`` given as parameters (or a
-    dict of parameter -> marker) turned into one marker per tensor, in order."""
+    """The distributed options, with ``replicated`` given as parameters (or a dict of
+    parameter -> marker) turned into one marker per tensor, in order."""
     if replicated is not None and not callable(replicated) and not isinstance(replicated, bool):
         given = replicated if isinstance(replicated, dict) else dict.fromkeys(replicated, True)
         by_id = {id(t): m for t, m in given.items()}
         replicated = [by_id.get(id(t), False) for t in tensors]
     return {"process_group": process_group, "replicated": replicated}
-
-
-def _inplace_tree(grads: list[torch.Tensor]) -> _tree.Tree:
-    """The gradients as a flat tree, each checked writable before any is written."""
-    return _clipping._prepare(grads, 0.0, 2, 0.0, "propagate", inplace=True)[0]
-
-
-def _on(x: Any, device: torch.device) -> Any:
-    """A tensor threshold moved to ``device`` (the core casts it, but keeps its device)."""
-    return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
 def _check_foreach(tensors: list[torch.Tensor], foreach: bool | None) -> None:
@@ -416,23 +423,20 @@ def _mode(tensors: list[torch.Tensor], foreach: bool | None) -> Any:
 
 
 def _total_norm(
-    tree: _tree.Tree | None,
+    plan: _backends.Plan,
     norm_type: Any,
     error_if_nonfinite: bool,
     foreach: bool | None,
     dist: dict[str, Any],
 ) -> torch.Tensor:
-    """The norm of a flattened tree of tensors (``None``: no tensors), as torch's."""
+    """The norm of the plan's tensors, as torch's (under ``no_grad`` and ``_mode``)."""
     p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
-    if tree is None:
-        return torch.tensor(0.0)
-    with torch.no_grad(), _mode(tree.leaves, foreach):
-        if p > 0:
-            norm = _distributed.tree_norm(tree, p, **dist)
-        elif dist["process_group"] is not None:
-            raise ValueError(f"norm_type must be > 0 with a process_group, got {norm_type!r}")
-        else:  # 0, negative, -inf, NaN: not norms; torch's own definition
-            norm = torch.nn.utils.get_total_norm(tree.leaves, p, False, foreach)
+    if p > 0:
+        norm = _distributed.tree_norm(plan, p, **dist)
+    elif dist["process_group"] is not None:
+        raise ValueError(f"norm_type must be > 0 with a process_group, got {norm_type!r}")
+    else:  # 0, negative, -inf, NaN: not norms; torch's own definition
+        norm = torch.nn.utils.get_total_norm(plan.tree.leaves, p, False, foreach)
     if error_if_nonfinite and not bool(torch.isfinite(norm)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, "
@@ -442,13 +446,15 @@ def _total_norm(
     return norm
 
 
-def _scale_tree(tree: _tree.Tree, max_norm: Any, norm: Any, foreach: bool | None) -> None:
+def _scale(plan: _backends.Plan, max_norm: Any, norm: Any) -> None:
     """Multiply every gradient by ``min(1, max_norm / (norm + 1e-6))``, in place."""
+    tree = plan.tree
     if isinstance(norm, torch.Tensor):
         if norm.dtype in (torch.float16, torch.bfloat16):
             norm = norm.float()
         norm = norm.to(tree.device)
     else:
         norm = torch.tensor(norm, dtype=tree.acc_dtype, device=tree.device)
-    with torch.no_grad(), _mode(tree.leaves, foreach):
-        _clipping._clip(tree, norm, _on(max_norm, tree.device), EPS, "propagate", inplace=True)
+    if isinstance(max_norm, torch.Tensor):
+        max_norm = max_norm.to(tree.device)  # the reference casts it, but keeps its device
+    _clipping.clip_step(tree, 2.0, max_norm, eps=EPS, inplace=True, norm=norm, plan=plan)

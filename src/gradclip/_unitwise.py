@@ -4,7 +4,7 @@ Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition
 Without Normalization", ICML 2021 (arXiv:2102.06171), section 3: a gradient unit
 ``G_i`` (one output unit's row of a weight) is scaled to ``lambda * ||W_i|| / ||G_i||``
 when ``||G_i|| / max(||W_i||, eps) > lambda``. Unit norms are taken with the overflow-free
-scaling of :mod:`gradclip._norms`, in float32 (float64) accumulation.
+scaling of :mod:`gradclip._reference`, in float32 (float64) accumulation.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from . import _checks, _compat, _norms, _tree
-from ._clipping import _cast, _scaled, clip_scale
+from . import _checks, _compat, _tree
+from ._reference import axis_norms, cast_scale, clip_scale, divide, leaf_norms, scaled
 
 __all__ = ["adaptive_grad_clip", "clip_by_block_rms"]
 
@@ -114,17 +114,15 @@ def adaptive_grad_clip(
             out.append(g)
             continue
         axes = _unit_axes(g, axis, layout, path)
-        g_norm = _norms.axis_norms(gtree, g, 2.0, axes)
-        w_norm = _norms.axis_norms(ptree, w, 2.0, axes)
+        g_norm = axis_norms(gtree, g, 2.0, axes)
+        w_norm = axis_norms(ptree, w, 2.0, axes)
         if w_norm.dtype != g_norm.dtype:
             w_norm = xp.astype(w_norm, g_norm.dtype)
         c = _checks.scalar_or_array(xp, clipping, g_norm.dtype, _compat.device(g_norm))
         max_norm = c * xp.maximum(w_norm, xp.asarray(eps, dtype=g_norm.dtype))
         guard = xp.maximum(g_norm, xp.asarray(_DIV_EPS, dtype=g_norm.dtype))
-        scale = xp.where(
-            g_norm > max_norm, _norms.divide(xp, max_norm, guard), xp.ones_like(g_norm)
-        )
-        out.append(_compat.as_array(xp, _scaled(gtree, g, _cast(gtree, {}, scale, g))))
+        scale = xp.where(g_norm > max_norm, divide(xp, max_norm, guard), xp.ones_like(g_norm))
+        out.append(_compat.as_array(xp, scaled(gtree, g, cast_scale(gtree, {}, scale, g))))
     return gtree.unflatten(out)
 
 
@@ -156,10 +154,10 @@ def _unit_axes(
     )
 
 
-def clip_by_block_rms(grads: Any, /, threshold: Any) -> Any:
-    """Scale each leaf so that its root mean square is at most ``threshold``.
+def clip_by_block_rms(grads: Any, /, max_rms: Any) -> Any:
+    """Scale each leaf so that its root mean square is at most ``max_rms``.
 
-    Each leaf ``g`` becomes ``g / max(1, rms(g) / threshold)`` with
+    Each leaf ``g`` becomes ``g / max(1, rms(g) / max_rms)`` with
     ``rms(g) = ||g||_2 / sqrt(g.size)`` (``optax.clip_by_block_rms``), accumulated
     without overflow as :func:`gradclip.global_norm`. A leaf of zeros, or an empty
     one, is unchanged.
@@ -171,14 +169,14 @@ def clip_by_block_rms(grads: Any, /, threshold: Any) -> Any:
     >>> out[0], out[1]
     (array([ 1., -1.]), array([0.5]))
     """
-    threshold = _checks.check_nonneg(threshold, "threshold")
+    max_rms = _checks.check_nonneg(max_rms, "max_rms")
     tree = _tree.flatten(grads)
     xp = tree.xp
     out = []
-    for x, n in zip(tree.leaves, _norms.leaf_norms(tree, 2.0)):
-        t = _checks.scalar_or_array(xp, threshold, n.dtype, _compat.device(n))
+    for x, n in zip(tree.leaves, leaf_norms(tree, 2.0)):
+        t = _checks.scalar_or_array(xp, max_rms, n.dtype, _compat.device(n))
         # rms > t  <=>  norm > t * sqrt(size): a per-leaf norm clip
         size = math.prod(int(s) for s in x.shape)
         scale = clip_scale(n, t * math.sqrt(size))
-        out.append(_compat.as_array(xp, _scaled(tree, x, _cast(tree, {}, scale, x))))
+        out.append(_compat.as_array(xp, scaled(tree, x, cast_scale(tree, {}, scale, x))))
     return tree.unflatten(out)

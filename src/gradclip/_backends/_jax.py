@@ -13,9 +13,10 @@
     finite input one of them neither overflowed nor lost anything to underflow, and
     ``jnp.where`` picks it. No branch, no host read.
 
-* Eager calls on concrete arrays run one compiled function per (p, eps, nonfinite)
-  whose executables ``jax.jit`` caches per tree structure, shapes and dtypes, so an
-  eager ``clip_by_global_norm`` costs one dispatch instead of a few per leaf.
+* Eager calls on concrete arrays run compiled functions (the norm, the scaling, or
+  the whole clip step handed over by the caller) whose executables ``jax.jit``
+  caches per tree structure, shapes and dtypes, so an eager ``clip_by_global_norm``
+  costs one dispatch instead of a few per leaf.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _backends, _clipping, _norms, _tree
+from .. import _reference
+from .._tree import Tree, flatten
 
-__all__ = ["barrier", "clip_impl", "global_norm_impl", "scale_impl"]
+__all__ = ["guarded_norm", "ladder_norm", "ladder_root", "parts", "select", "traced_norm"]
 
 # sums of squares inside these bounds lost nothing to overflow or underflow
 _BOUNDS = {
@@ -39,32 +41,56 @@ _BOUNDS = {
 _REAL = {jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)}
 
 
-def _real(tree: _tree.Tree) -> bool:
+def select(tree: Tree) -> JaxPath | None:
+    """The fast path for trees of real floating point JAX arrays."""
     dtypes = tree.dtypes if tree.dtypes is not None else {x.dtype for x in tree.leaves}
-    return all(jnp.dtype(dt) in _REAL for dt in dtypes)
-
-
-def _traced(tree: _tree.Tree) -> bool:
+    if not all(jnp.dtype(dt) in _REAL for dt in dtypes):
+        return None
     tracer = jax.core.Tracer  # (one pass over the leaves' types, in C)
-    return any(issubclass(t, tracer) for t in set(map(type, tree.leaves)))
+    return JaxPath(tree, any(issubclass(t, tracer) for t in set(map(type, tree.leaves))))
 
 
-def _core_norm(tree: _tree.Tree, p: float) -> Any:
-    with _backends.fast_paths(False):
-        return _norms.tree_norm(tree, p)
+class JaxPath:
+    def __init__(self, tree: Tree, traced: bool) -> None:
+        self.tree, self.traced = tree, traced
+
+    def norm(self, p: float) -> Any:
+        if self.traced:
+            return traced_norm(self.tree, p)
+        return _jitted_norm(p)(self.tree.leaves)
+
+    def scale(self, scale: Any, norm: Any, nonfinite: str, inplace: bool) -> list[Any]:
+        if not self.traced:
+            return _jitted_scale(nonfinite)(self.tree.leaves, scale, norm)
+        return _reference.scale_leaves(_barrier(self.tree), scale, norm, nonfinite, inplace=False)
+
+    def compiled(self, step: Callable[..., Any], **static: Any) -> Callable[..., Any] | None:
+        """``step(tree, max_norm, **static)`` as one compiled call for concrete
+        (eager) arrays; inside a trace the caller's own trace is the compilation."""
+        if self.traced or static.get("nonfinite") == "raise":  # raising reads the host
+            return None
+        compiled = _jitted_step(step, tuple(sorted(static.items())))
+        acc = self.tree.acc_dtype
+
+        def run(max_norm: Any) -> Any:
+            if not isinstance(max_norm, jax.Array):  # a Python number: no recompile per value
+                max_norm = jnp.asarray(max_norm, dtype=acc)
+            return compiled(self.tree.leaves, max_norm)
+
+        return run
 
 
 SMALL = 1 << 16  # leaves up to this size are concatenated: one reduction, not thousands
 
 
-def traced_norm(tree: _tree.Tree, p: float) -> Any:
-    """The global norm of a (traced or concrete) tree, to a few ulps of the core."""
+def traced_norm(tree: Tree, p: float) -> Any:
+    """The global norm of a (traced or concrete) tree, to a few ulps of the reference."""
     if p != 2:
-        return _core_norm(tree, p)
+        return _reference.tree_norm(tree, p)
     return jax.lax.platform_dependent(parts(tree), cpu=guarded_norm, default=ladder_norm)
 
 
-def parts(tree: _tree.Tree) -> list[Any]:
+def parts(tree: Tree) -> list[Any]:
     """The large leaves, and the small ones concatenated into one (in the accumulation
     dtype). The large ones are widened inside the reductions: a cast here would be a
     copy of each leaf for ``lax.cond``'s operands."""
@@ -89,8 +115,8 @@ def guarded_norm(parts: list[Any]) -> Any:
     ok = (fast >= lo) & (fast <= hi)  # False for inf and NaN
 
     def exact(parts: list[Any]) -> Any:
-        # the core on the same elements, only when the sum may have lost something
-        return _core_norm(_tree.flatten(parts), 2)
+        # the reference on the same elements, only when the sum may have lost something
+        return _reference.tree_norm(flatten(parts), 2)
 
     # the parts as explicit operands: few (one for all the small leaves), not one per leaf
     return jax.lax.cond(ok, lambda parts: jnp.sqrt(fast), exact, parts)
@@ -146,65 +172,31 @@ def _ladder_norm_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tup
     return norm, dot / jnp.where(norm > 0, norm, jnp.ones_like(norm))
 
 
-def barrier(tree: _tree.Tree) -> _tree.Tree:
-    """The leaves behind ``lax.optimization_barrier`` inside a trace.
+def _barrier(tree: Tree) -> Tree:
+    """The leaves behind ``lax.optimization_barrier``, for the multiply after the norm.
 
     Without it XLA shares each 16-bit leaf's widening between the norm and the
-    multiply: one float32 copy of every leaf, written and read again (optax's
-    bfloat16 clip on GPT-2 takes 3x as long as its norm and multiply apart).
+    multiply: one float32 copy of every leaf, written and read again, which makes a
+    clip of bfloat16 gradients several times slower than its norm and multiply apart.
     """
-    if not _traced(tree):
-        return tree
     # one barrier per leaf: under shard_map a barrier's outputs vary over the union of
     # its inputs' mesh axes, and each leaf must keep its own
-    return _tree.flatten(list(map(jax.lax.optimization_barrier, tree.leaves)))
+    return flatten(list(map(jax.lax.optimization_barrier, tree.leaves)))
 
 
 @functools.cache
 def _jitted_norm(p: float) -> Callable[[list[Any]], Any]:
-    return jax.jit(lambda leaves: _norms.tree_norm(_tree.flatten(leaves), p))
+    return jax.jit(lambda leaves: traced_norm(flatten(leaves), p))
 
 
 @functools.cache
-def _jitted_scale(inplace: bool) -> Callable[[list[Any], Any], Any]:
-    def scale(leaves: list[Any], s: Any) -> Any:
-        with _backends.fast_paths(False):
-            tree = _tree.flatten(leaves)
-            return _clipping._apply(tree, s, s, "propagate", inplace=inplace)
+def _jitted_scale(nonfinite: str) -> Callable[[list[Any], Any, Any], Any]:
+    def scale(leaves: list[Any], s: Any, norm: Any) -> Any:
+        return _reference.scale_leaves(flatten(leaves), s, norm, nonfinite, inplace=False)
 
     return jax.jit(scale)
 
 
 @functools.cache
-def _jitted_clip(p: float, eps: float, nonfinite: str) -> Callable[[list[Any], Any], Any]:
-    def clip(leaves: list[Any], max_norm: Any) -> Any:
-        return _clipping.clip_by_global_norm(leaves, max_norm, ord=p, eps=eps, nonfinite=nonfinite)
-
-    return jax.jit(clip)
-
-
-def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
-    if not _real(tree):
-        return None
-    if _traced(tree):
-        return traced_norm
-    return lambda tree, p: _jitted_norm(p)(tree.leaves)
-
-
-def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
-    if _traced(tree) or not _real(tree):
-        return None
-    return lambda tree, scale: _jitted_scale(inplace)(tree.leaves, scale)
-
-
-def clip_impl(tree: _tree.Tree, *, nonfinite: str) -> Callable[..., Any] | None:
-    """The whole functional clip as one compiled call for concrete (eager) arrays."""
-    if _traced(tree) or not _real(tree) or nonfinite == "raise":
-        return None
-
-    def clip(tree: _tree.Tree, p: float, max_norm: Any, eps: float) -> Any:
-        if not isinstance(max_norm, jax.Array):  # a Python number: no recompile per value
-            max_norm = jnp.asarray(max_norm, dtype=tree.acc_dtype)
-        return _jitted_clip(p, float(eps), nonfinite)(tree.leaves, max_norm)
-
-    return clip
+def _jitted_step(step: Callable[..., Any], static: tuple) -> Callable[[list[Any], Any], Any]:
+    return jax.jit(lambda leaves, max_norm: step(flatten(leaves), max_norm, **dict(static)))

@@ -4,37 +4,39 @@ One launch per leaf loses to torch's fused foreach kernels on many small tensors
 the leaves of one dtype are described by a table (one device array of the data
 pointers, the sizes, and each block's leaf and first element) and cut into blocks of
 ``BLOCK`` elements; one ``RawKernel`` launch gives every block its ``(m, s)`` term
-of the core: ``m`` the largest magnitude (NaN sticky) and ``s`` the sum of
+of the reference: ``m`` the largest magnitude (NaN sticky) and ``s`` the sum of
 ``(|x| / d) ** 2`` with ``d = m`` when finite and > 0, else 1. float16 and float32
 blocks are read once and their squares summed in float64, where no square of a
 finite value overflows or underflows, then divided by ``d ** 2``; float64 blocks
 take two sweeps (the maximum, then the scaled squares from the cache). One more
-single-block launch combines every block's terms as the core's ``_combine`` does, in
+single-block launch combines every block's terms as the reference's ``combine`` does, in
 float64, and writes the norm in the accumulation dtype. The scaling is one launch
 per group too, reading the scale from device memory (no host synchronisation).
 Only C-contiguous float16/float32/float64 leaves qualify (CuPy has no bfloat16);
-anything else runs the core. The tables are kept for the last few trees (keyed by
+anything else runs the reference. The tables are kept for the last few trees (keyed by
 their pointers and sizes), so a training loop copies nothing to the device.
 
 The planning (groups, tables, blocks) is plain Python and NumPy and is tested on the
 CPU, with :func:`emulate_terms` standing in for the kernel; the kernels are compiled
-and checked against the core on a GPU (``tests/test_gpu.py``).
+and checked against the reference on a GPU (``tests/test_gpu.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _clipping, _norms, _tree
+from .. import _reference
+from .._tree import Tree
 
-__all__ = ["BLOCK", "Plan", "emulate_terms", "global_norm_impl", "plan", "scale_impl"]
+__all__ = ["BLOCK", "Plan", "combine", "emulate_terms", "groups", "plan", "select"]
 
 BLOCK = 8192  # elements per CUDA block
 THREADS = 256
@@ -106,7 +108,7 @@ extern "C" __global__ void gradclip_terms_{name}(
 """
 )
 
-# The core's _combine of every block's (m, s), in one block: the largest m, then the
+# The reference's combine of every block's (m, s), in one block: the largest m, then the
 # sum of (m_b / scale)^2 * s_b, then scale * sqrt(sum) (the inf-norm: the largest m).
 _FINISH_SRC = (
     _HEAD
@@ -215,14 +217,14 @@ def emulate_terms(arrays: Sequence[np.ndarray], p: Plan) -> tuple[np.ndarray, ..
 
 
 def combine(xp: Any, ms: Any, ss: Any, p: float) -> Any:
-    """What the finish kernel computes: the core's combination (``_norms._combine``)
-    of stacked block terms."""
+    """What the finish kernel computes: the reference's combination
+    (:func:`gradclip._reference.combine`) of stacked block terms."""
     big = xp.max(ms)
     if math.isinf(p):
         return big
-    scale = _norms._safe_scale(xp, big)
-    r = xp.where(ms > 0, _norms._safe_scale(xp, ms), xp.zeros_like(ms)) / scale
-    return _norms._scaled_root(xp, scale, xp.sum(r * r * ss), p)
+    scale = _reference.safe_scale(xp, big)
+    r = xp.where(ms > 0, _reference.safe_scale(xp, ms), xp.zeros_like(ms)) / scale
+    return _reference.scaled_root(xp, scale, xp.sum(r * r * ss), p)
 
 
 # -- on the GPU -------------------------------------------------------------------------------
@@ -260,14 +262,10 @@ def table(p: Plan, ptrs: Sequence[int]) -> np.ndarray:
     )  # fmt: skip
 
 
-def _launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
+def _launches(tree: Tree) -> list[tuple[str, Plan, Any]]:
     """``(dtype, plan, table on the device)`` per dtype group with elements; the same
     pointers and sizes (a training loop's gradients) reuse the tables already on the
     device."""
-    return _tree.memo(tree, "launches", _find_launches)
-
-
-def _find_launches(tree: _tree.Tree) -> list[tuple[str, Plan, Any]]:
     import cupy as cp
 
     leaves = tree.leaves
@@ -295,42 +293,41 @@ def _launch(kind: str, dt: str, pl: Plan, tab: Any, *args: Any) -> None:
     _kernel(kind, dt)((blocks,), (THREADS,), (*head, *args))
 
 
-def _qualifies(tree: _tree.Tree) -> bool:
-    return _tree.memo(tree, "qualifies", _find_qualifies)
-
-
-def _find_qualifies(tree: _tree.Tree) -> bool:
+def select(tree: Tree) -> CupyPath | None:
+    """The fast path for C-contiguous float16/float32/float64 arrays on one device."""
     leaves = tree.leaves
     dev = leaves[0].device.id
-    return (
+    if (
         all(dt.name in _CTYPES for dt in set(map(_DTYPE, leaves)))
         and all(map(_CONTIGUOUS, leaves))
         and all(d == dev for d in map(_DEVICE_ID, leaves))
-    )
+    ):
+        return CupyPath(tree)
+    return None
 
 
-def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
-    if not _qualifies(tree):
-        return None
+class CupyPath:
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
 
-    def norm(tree: _tree.Tree, p: float) -> Any:
+    @functools.cached_property
+    def launches(self) -> list[tuple[str, Plan, Any]]:
+        return _launches(self.tree)
+
+    def norm(self, p: float) -> Any:
         import cupy as cp
 
         if p != 2 and not math.isinf(p):
-            from . import _backends
-
-            with _backends.fast_paths(False):
-                return _norms.tree_norm(tree, p)
-        acc = np.dtype(tree.acc_dtype)
-        launches = _launches(tree)
-        total = sum(pl.leaf.size for _, pl, _ in launches)
+            return None
+        acc = np.dtype(self.tree.acc_dtype)
+        total = sum(pl.leaf.size for _, pl, _ in self.launches)
         if not total:
             return cp.zeros((), dtype=acc)
         out = cp.empty((), dtype=acc)
         ms = cp.empty(total, dtype=np.float64)
         ss = cp.empty(total, dtype=np.float64)
         at = 0
-        for dt, pl, tab in launches:
+        for dt, pl, tab in self.launches:
             nb = pl.leaf.size
             _launch("terms", dt, pl, tab, ms[at : at + nb], ss[at : at + nb])
             at += nb
@@ -338,19 +335,13 @@ def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | N
         _kernel("finish", acc.name)((1,), (FINISH_THREADS,), args)
         return out
 
-    return norm
-
-
-def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
-    if not inplace or not _qualifies(tree):
-        return None  # functional: the core's x * s is one kernel per leaf anyway
-
-    def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
+    def scale(self, scale: Any, norm: Any, nonfinite: str, inplace: bool) -> list[Any] | None:
+        if not inplace or nonfinite == "zero":
+            return None  # functional: the reference's x * s is one kernel per leaf anyway
+        tree = self.tree
         casts: dict[Any, Any] = {}
-        for dt, pl, tab in _launches(tree):
-            s = _clipping._cast(tree, casts, scale, tree.leaves[pl.indices[0]])
+        for dt, pl, tab in self.launches:
+            s = _reference.cast_scale(tree, casts, scale, tree.leaves[pl.indices[0]])
             s = s.astype(_NP[_CTYPES[dt][2]], copy=False)
             _launch("scale", dt, pl, tab, s)
         return tree.leaves
-
-    return scale

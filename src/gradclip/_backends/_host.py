@@ -1,8 +1,10 @@
-"""NumPy fast path: the global norm and the scaling in chunks, on a few threads.
+"""Host memory: the global norm and the scaling of NumPy arrays, in chunks on threads.
 
-NumPy's ufuncs run on one thread but release the GIL, so large leaves are cut into
-chunks of ``CHUNK`` elements (views, never copies), small ones grouped into runs of up
-to as many, and a few threads take these units one by one from a shared list.
+Used by the NumPy backend, and by the torch backend for CPU tensors (as zero-copy
+NumPy views). NumPy's ufuncs run on one thread but release the GIL, so large arrays
+are cut into chunks of ``CHUNK`` elements (views, never copies), small ones grouped
+into runs of up to as many, and the threads of :mod:`._native`'s pool take these
+units one by one.
 
 The 2-norm is a blocked sum: one BLAS dot (``sdot``/``ddot``, one read of the
 memory) per ``DOT`` elements, the dots' results added in float64; chunks of values
@@ -14,17 +16,17 @@ double precision: far more accurate than one dot over a large leaf). Only when i
 does not (an inf or NaN element, values near 1e19 in float32, tiny or zero
 gradients) is every chunk recomputed exactly: float32 and 16-bit chunks as float64,
 whose squares can neither overflow nor underflow, float64 chunks scaled by their
-largest magnitude as in the core. So every finite input gives a finite, accurate
-norm, inf and NaN propagate (NaN first), and the result is the core's to a few ulps.
+largest magnitude as in the reference. So every finite input gives a finite, accurate
+norm, inf and NaN propagate (NaN first), and the result is the reference's to a few ulps.
 
 16-bit leaves (float16, ml_dtypes' bfloat16) and chunks of another dtype than the
 accumulator go through a small float32 buffer per thread, a piece at a time: the norm
 widens each piece and dots it (by rows); the scaling widens, multiplies in float32
-and rounds back once (as the core). The buffers are the only arrays allocated:
+and rounds back once (as the reference). The buffers are the only arrays allocated:
 together at most ``BUFFER_SHARE`` of the gradients' bytes (half that for small
 inputs), and at most ``BUFFER_MAX`` elements each, so a piece stays in the L2 cache
 between its widening and its dot. Where the C kernels are built
-(:mod:`gradclip._native`), contiguous bfloat16 and float32 chunks take neither BLAS nor
+(:mod:`._native`), contiguous bfloat16 and float32 chunks take neither BLAS nor
 the buffer: one kernel call each sums their squares (exactly, see there) or scales
 them, without the GIL.
 """
@@ -34,22 +36,17 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-import os
-import threading
-from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from . import _clipping, _native, _tree
+from . import _native
+from ._native import CHUNK
 
-__all__ = ["global_norm_impl", "norm_of_arrays", "scale_arrays", "scale_impl"]
+__all__ = ["accumulator", "is_safe", "norm_of_arrays", "scale_arrays", "sum_of_squares"]
 
-CHUNK = 1 << 20  # elements per unit of work: 4 MiB of float32
-DOT = 1 << 18  # elements per dot (a float32 dot over 2^20 normals is off by ~1e-6)
-PER_THREAD = 1 << 21  # elements of gradients per thread, at least (see _threads_for)
+DOT = 1 << 18  # elements per BLAS dot: a float32 dot drifts past 1e-7 on longer runs
 BUFFER_SHARE = 0.008  # the buffers of all threads, as a share of the gradients' bytes
 SMALL_SIZE = 1 << 22  # below this many elements, half the share: the call's fixed costs
 # (Python objects, NumPy's ufunc buffers: a few KiB) count against the same 1 %
@@ -62,32 +59,6 @@ _SAFE_TOTAL = {
 }
 # a chunk's sum of squares inside these bounds is accurate on its own
 _SAFE = {np.dtype(np.float32): (2.0**-100, 2.0**120), np.dtype(np.float64): (2.0**-960, 2.0**960)}
-
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-_pool_lock = threading.Lock()
-
-
-def threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():  # a forked child needs its own
-            _pool = (os.getpid(), ThreadPoolExecutor(threads(), "gradclip"))
-        return _pool[1]
-
-
-def _supported(tree: _tree.Tree) -> bool:
-    """True when every leaf is real floating point: float16 to float64, bfloat16."""
-    return all(
-        dt in _SAFE or (dt.kind == "f" and dt.itemsize == 2) or dt.name == "bfloat16"
-        for dt in {x.dtype for x in tree.leaves}
-    )
 
 
 def chunks(x: np.ndarray) -> Iterable[np.ndarray]:
@@ -116,32 +87,6 @@ def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
                 yield x[i : i + step]
 
 
-def _units(items: Sequence[Any], split: Callable, size: Callable[[Any], int]) -> list[Any]:
-    """The units of work over ``items``: the chunks (``split``) of each item larger than
-    ``CHUNK``, and runs of the smaller ones, up to ``CHUNK`` elements together, as
-    ranges of their indices. One thread takes a run of small leaves (a model's
-    batch-norm vectors) rather than both taking turns at the GIL between tiny calls,
-    and the list has one entry per ``CHUNK`` elements at most (a few bytes per MiB),
-    however many leaves there are."""
-    units: list[Any] = []
-    start = run = 0
-    for i, x in enumerate(items):
-        n = size(x)
-        if n > CHUNK:
-            if start < i:
-                units.append(range(start, i))
-            units.extend(split(x))
-            start, run = i + 1, 0
-        elif run + n > CHUNK:
-            units.append(range(start, i))
-            start, run = i, n
-        else:
-            run += n
-    if start < len(items):
-        units.append(range(start, len(items)))
-    return units
-
-
 def _taken(units: Iterator[Any], items: Sequence[Any], split: Callable) -> Iterator[Any]:
     """The chunks of the units this thread takes from the shared ``units`` (a list's
     iterator: ``next`` is atomic under the GIL), each when the last is done, so a
@@ -155,18 +100,6 @@ def _taken(units: Iterator[Any], items: Sequence[Any], split: Callable) -> Itera
             yield u
 
 
-def _threads_for(size: int) -> int:
-    """Threads for ``size`` elements: one per core, but at most one per ``PER_THREAD``
-    elements (4 MiB of 16-bit gradients, 8 MiB of float32). Each thread costs the same
-    however little it does: in the scaling NumPy's cast buffers of a 16-bit leaf (16
-    KiB at ``UFUNC_BUFFER``) and its frames and future (~2 KiB), at most 0.5 % of its
-    4 MiB; in the norm the frames beside the buffers' 0.8 %. So an in-place call stays
-    under 1 % of the gradients' bytes on any number of cores (a thread per core, 16,
-    took 640 KB over 18 MB of bfloat16). Below 2^21 elements one thread is faster
-    than the pool anyway (2^21 float32 elements: 0.4 ms on one thread, 1 ms on two)."""
-    return max(1, min(threads(), size // PER_THREAD))
-
-
 def _run(
     items: Sequence[Any],
     work: Callable[[Iterable[Any]], Any],
@@ -177,93 +110,12 @@ def _run(
     item_size: Callable[[Any], int] = operator.attrgetter("size"),
 ) -> list[Any]:
     """``work`` over the chunks of ``items``: on one thread for small inputs, else on
-    a few threads (:func:`_on_threads`) that take the units of :func:`_units` one by
-    one."""
-    n = _threads_for(size) if threads is None else threads
+    a few threads that take the units of :func:`._native.units` one by one."""
+    n = _native.threads_for(size) if threads is None else threads
     if n == 1:
         return [work(itertools.chain.from_iterable(map(split, items)))]
-    units = iter(_units(items, split, item_size))
-    return _on_threads(n, lambda: work(_taken(units, items, split)))
-
-
-def _on_threads(n: int, task: Callable[[], Any]) -> list[Any]:
-    """``task()`` on ``n`` threads at once, the calling thread one of them (one fewer
-    thread to wake: a sleeping thread can take a while to wake on a virtual machine
-    whose core was left idle): the results, the caller's first."""
-    others = [_executor().submit(task) for _ in range(n - 1)]
-    try:
-        mine = task()
-    finally:
-        results = [f.result() for f in others]
-    return [mine, *results]
-
-
-TABLE_ROWS = 64  # addresses in one call of a C kernel at most (a 1 KiB table)
-
-
-def run_native(
-    items: Sequence[Any],
-    address: Callable[[Any], int],
-    size: int,
-    kernel: Callable,
-    itemsize: int,
-    *args: Any,
-    size_of: Callable[[Any], int] = operator.attrgetter("size"),
-) -> list[Any]:
-    """``kernel(addresses, counts, itemsize, *args)`` over the memory of ``items``
-    (``size`` elements in all: C-contiguous arrays or tensors of one dtype of the C
-    kernels, ``address(x)`` where each starts), a table of at most ``TABLE_ROWS``
-    items at a time: thousands of tensors cost an address each, not a call each, and
-    no table outlives its call (the 1 % bound). On one thread for small inputs; else
-    on the threads of :func:`_on_threads`, which take the units of :func:`_units` one
-    by one (a chunk of ``CHUNK`` elements of a large item, a run of small ones), so a
-    thread that runs slower takes fewer. The units' results, in no fixed order."""
-
-    def call(part: Sequence[Any]) -> Any:
-        ptrs, counts = array("q", map(address, part)), array("q", map(size_of, part))
-        return kernel(ptrs, counts, itemsize, *args)
-
-    n = _threads_for(size)
-    if n == 1:
-        return [call(items[i : i + TABLE_ROWS]) for i in range(0, len(items), TABLE_ROWS)]
-
-    def split(x: Any) -> Sequence[tuple[int, int]]:
-        start, k = address(x), size_of(x)
-        return [(start + itemsize * i, min(CHUNK, k - i)) for i in range(0, k, CHUNK)]
-
-    units = iter(_units(items, split, size_of))
-
-    def task() -> list[Any]:
-        out = []
-        for u in units:  # (a list's iterator: ``next`` is atomic under the GIL)
-            if isinstance(u, range):
-                stop = u.stop
-                out += [call(items[i : min(i + TABLE_ROWS, stop)]) for i in u[::TABLE_ROWS]]
-            else:  # a chunk of a large item
-                out.append(kernel(array("q", u[:1]), array("q", u[1:]), itemsize, *args))
-        return out
-
-    return [r for part in _on_threads(n, task) for r in part]
-
-
-def native_groups(
-    items: Sequence[Any], kinds: Any, contiguous: Callable[[Any], bool]
-) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
-    """The ``contiguous`` items (arrays or tensors) whose dtype is in ``kinds`` (of the
-    C kernels' dtypes) by dtype, for :func:`run_native`, and the indices of the
-    others. Items that all go (the common case) stay the sequence they are: no list
-    with an entry per item."""
-    first = items[0].dtype
-    if first in kinds and all(x.dtype == first for x in items) and all(map(contiguous, items)):
-        return {first: items}, ()
-    found: dict[Any, list[Any]] = {}
-    rest: list[int] = []
-    for i, x in enumerate(items):
-        if x.dtype in kinds and contiguous(x):
-            found.setdefault(x.dtype, []).append(x)
-        else:
-            rest.append(i)
-    return found, rest
+    todo = iter(_native.units(items, split, item_size))
+    return _native.on_threads(n, lambda: work(_taken(todo, items, split)))
 
 
 def _c_contiguous(x: np.ndarray) -> bool:
@@ -277,19 +129,20 @@ def _native_run_groups(
     args: Callable[[np.dtype], tuple[Any, ...]] = lambda dt: (),
     dtypes: Iterable[Any] | None = None,
 ) -> tuple[list[Any], Sequence[np.ndarray]]:
-    """:func:`run_native` of the C kernel ``kernel`` (``*args(dtype)``) over each group
-    of :func:`native_groups` of ``arrays`` of ``dtypes`` (of the kernels' dtypes; all
-    of them by default; ``size``: the elements of ``arrays``): the results, and the
-    arrays left to the other paths (all of them when the kernels are not built)."""
+    """:func:`._native.run_native` of the C kernel ``kernel`` (``*args(dtype)``) over
+    each group of :func:`._native.native_groups` of ``arrays`` of ``dtypes`` (of the
+    kernels' dtypes; all of them by default; ``size``: the elements of ``arrays``):
+    the results, and the arrays left to the other paths (all of them when the
+    kernels are not built)."""
     kinds = _native.DTYPES if dtypes is None else set(dtypes) & _native.DTYPES
     if _native.lib is None or not kinds or not arrays:
         return [], arrays
-    groups, rest = native_groups(arrays, kinds, _c_contiguous)
+    groups, rest = _native.native_groups(arrays, kinds, _c_contiguous)
     out: list[Any] = []
     for dt, xs in groups.items():
         n = size if not rest and len(groups) == 1 else sum(x.size for x in xs)
         call = getattr(_native.lib, kernel)
-        out += run_native(xs, _native.lib.address, n, call, dt.itemsize, *args(dt))
+        out += _native.run_native(xs, _native.lib.address, n, call, dt.itemsize, *args(dt))
     return out, [arrays[i] for i in rest]
 
 
@@ -308,7 +161,7 @@ def _pieces(c: np.ndarray, n: int) -> Iterator[np.ndarray]:
 def _buffer_size(size: int, itemsize: int, n_threads: int | None = None) -> int:
     """Elements of each thread's buffer for ``size`` elements of gradients (each of at
     least 2 bytes): all buffers together stay within ``BUFFER_SHARE`` of their bytes."""
-    n = _threads_for(size) if n_threads is None else n_threads
+    n = _native.threads_for(size) if n_threads is None else n_threads
     share = BUFFER_SHARE if size >= SMALL_SIZE else BUFFER_SHARE / 2
     return min(BUFFER_MAX, max(1024, int(2 * size * share) // n // itemsize))
 
@@ -322,7 +175,7 @@ BUFFERED_PARALLEL_MIN = 1 << 17
 
 
 def _native_chunk(c: np.ndarray) -> bool:
-    """True for a chunk the C kernel sums (:mod:`gradclip._native`, when built):
+    """True for a chunk the C kernel sums (:mod:`._native`, when built):
     bfloat16 or float32, 1-D and contiguous."""
     return (
         c.dtype in _native.DTYPES
@@ -536,7 +389,7 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
         if not arrays:
             return total
         size = sum(x.size for x in arrays)
-    n_threads = _threads_for(size)
+    n_threads = _native.threads_for(size)
     nbuf = _buffer_size(size, acc.itemsize)
     widened = {x.dtype for x in arrays} - {acc}
     if _native.lib is not None and acc == np.float32:  # the C kernel: without the GIL
@@ -555,29 +408,11 @@ def is_safe(total: float, acc: Any) -> bool:
     return lo <= total <= hi
 
 
-def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
-    if not _supported(tree):
-        return None  # complex or exotic dtypes: the core
-
-    def norm(tree: _tree.Tree, p: float) -> Any:
-        if p != 2 and not math.isinf(p):
-            from . import _backends, _norms
-
-            with _backends.fast_paths(False):
-                return _norms.tree_norm(tree, p)
-        with np.errstate(over="ignore"):  # a float32 norm beyond 3.4e38 is inf
-            return np.asarray(norm_of_arrays(tree.leaves, p, tree.acc_dtype), dtype=tree.acc_dtype)
-
-    return norm
-
-
 # -- the scaling ----------------------------------------------------------------------
 
 
-# elements of NumPy's ufunc buffers in the scaling (its default: 8192). A 16-bit leaf's
-# multiply casts its input and its output through a float32 buffer each: 16 KiB per
-# thread here instead of 64 KiB, as fast (bfloat16 by 2^20: 0.88 ms either way;
-# 1024 is 4 % slower)
+# elements of NumPy's ufunc buffers in the scaling, a quarter of its default: a 16-bit
+# leaf's casts then hold 16 KiB per thread, not 64 (the 1 % memory bound), as fast
 UFUNC_BUFFER = 1 << 11
 
 
@@ -634,22 +469,3 @@ def scale_arrays(arrays: Sequence[np.ndarray], factors: dict, outs: Sequence[Any
 
     work = lambda ts: _scale_work(ts, factors)  # noqa: E731
     _run(list(zip(arrays, outs)), work, size, split=split, item_size=lambda p: p[0].size)
-
-
-def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
-    if not _supported(tree):
-        return None
-
-    def scale(tree: _tree.Tree, scale: Any) -> Sequence[Any]:
-        casts: dict[Any, Any] = {}
-        by_dtype = {x.dtype: x for x in tree.leaves}
-        per_dtype = {dt: _clipping._cast(tree, casts, scale, x) for dt, x in by_dtype.items()}
-        if inplace:
-            if float(scale) != 1.0:  # x * 1 is x bit for bit: skip the write
-                scale_arrays(tree.leaves, per_dtype)
-            return tree.leaves
-        outs = [np.empty_like(x, order="C") for x in tree.leaves]
-        scale_arrays(tree.leaves, per_dtype, outs)
-        return outs
-
-    return scale

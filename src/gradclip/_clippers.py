@@ -7,7 +7,7 @@ any Array API library, and its state can be checkpointed like an optimizer's::
     state = clipper.init(like)                       # like: a 0-d array (library, dtype, device)
     max_norm, state = clipper.threshold(state, norm) # max_norm: 0-d, +inf means "no clip"
 
-:func:`clip_adaptive` and :func:`clip_adaptive_` clip a gradient tree with one call;
+:func:`clip_stateful` and :func:`clip_stateful_` clip a gradient tree with one call;
 each clipper object also keeps a state of its own for imperative loops
 (``clipper.clip_(grads)``). Nothing reads a value back to the host.
 
@@ -25,20 +25,20 @@ import math
 import numbers
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from . import _checks, _compat, _norms, _tree
-from ._clipping import _clip, _prepare
+from . import _checks, _compat, _tree
+from ._clipping import clip_step
 
 __all__ = [
-    "AdaptiveClipper",
     "AutoClip",
     "AutoClipState",
     "ClipInfo",
     "QuantileClip",
     "QuantileClipState",
+    "StatefulClipper",
     "ZClip",
     "ZClipState",
-    "clip_adaptive",
-    "clip_adaptive_",
+    "clip_stateful",
+    "clip_stateful_",
 ]
 
 
@@ -50,11 +50,12 @@ class ClipInfo(NamedTuple):
     threshold: Any
     """The threshold used (``+inf``: no clipping)."""
     clipped: Any
-    """A boolean: whether the gradients were scaled down."""
+    """A boolean: whether the gradients were scaled down (``False`` for a non-finite
+    norm, which is reported as such by ``norm``)."""
 
 
 @runtime_checkable
-class AdaptiveClipper(Protocol):
+class StatefulClipper(Protocol):
     """The protocol every stateful clipper follows (and the integrations accept)."""
 
     def init(self, like: Any) -> Any:
@@ -65,69 +66,93 @@ class AdaptiveClipper(Protocol):
         """``(max_norm, new_state)`` for this step's pre-clip global ``norm``."""
 
 
-def clip_adaptive(
+def clip_stateful(
     grads: Any,
-    clipper: AdaptiveClipper,
+    clipper: StatefulClipper,
     state: Any,
     /,
     *,
     ord: float = 2,
     eps: float = 0.0,
+    nonfinite: str = "propagate",
+    process_group: Any = None,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> tuple[Any, Any, ClipInfo]:
     """Clip ``grads`` by global norm to the threshold ``clipper`` gives for this step.
 
     Returns ``(clipped, new_state, info)``; ``info`` holds the norm, the threshold
-    and whether the step was clipped, all as arrays. ``eps`` is added to the norm
-    before dividing, as in :func:`gradclip.clip_by_global_norm` (``1e-6`` is torch's
-    and the reference packages' choice).
+    and whether the step was clipped, all as arrays. The keyword options are those
+    of :func:`gradclip.clip_by_global_norm` (``eps=1e-6`` is torch's and the
+    reference packages' choice); the clipper sees the global norm over all ranks.
 
     Examples
     --------
     >>> import numpy as np, gradclip as gc
-    >>> clipper = gc.ZClip(warmup_steps=2, max_grad_norm=None)
+    >>> clipper = gc.ZClip(warmup_steps=2, max_norm=None)
     >>> state = clipper.init(np.float64(0))
     >>> for g in ([1.0], [1.2], [1.1], [9.0]):
-    ...     clipped, state, info = gc.clip_adaptive(np.array(g), clipper, state)
+    ...     clipped, state, info = gc.clip_stateful(np.array(g), clipper, state)
     >>> bool(info.clipped), float(np.round(info.threshold, 4))
     (True, 1.1077)
     """
-    tree, p, _, _ = _prepare(grads, 0.0, ord, eps, "propagate", inplace=False)
-    leaves, state, info = _step(tree, p, clipper, state, eps, inplace=False)
-    return tree.unflatten(leaves), state, info
+    tree = _tree.flatten(grads)
+    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    step = _step(tree, clipper, state, ord, eps, nonfinite, inplace=False, **dist)
+    return tree.unflatten(step.leaves), step.state, _info(step)
 
 
-def clip_adaptive_(
+def clip_stateful_(
     grads: Any,
-    clipper: AdaptiveClipper,
+    clipper: StatefulClipper,
     state: Any,
     /,
     *,
     ord: float = 2,
     eps: float = 0.0,
+    nonfinite: str = "propagate",
+    process_group: Any = None,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> tuple[Any, ClipInfo]:
-    """:func:`clip_adaptive` in place, for writable arrays: returns ``(new_state, info)``.
+    """:func:`clip_stateful` in place, for writable arrays: returns ``(new_state, info)``.
 
     Every leaf is checked before any is written.
     """
-    tree, p, _, _ = _prepare(grads, 0.0, ord, eps, "propagate", inplace=True)
-    return _step(tree, p, clipper, state, eps, inplace=True)[1:]
+    tree = _tree.flatten(grads, inplace=True)
+    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    step = _step(tree, clipper, state, ord, eps, nonfinite, inplace=True, **dist)
+    return step.state, _info(step)
 
 
 def _step(
-    tree: _tree.Tree, p: float, clipper: Any, state: Any, eps: float, *, inplace: bool
-) -> tuple[list[Any], Any, ClipInfo]:
-    """``(leaves, new_state, info)``: the norm, the clipper's threshold, the clip."""
-    norm = _norms.tree_norm(tree, p)
-    max_norm, state = clipper.threshold(state, norm)
-    max_norm = _compat.as_array(tree.xp, max_norm)
-    if max_norm.dtype != norm.dtype:
-        max_norm = tree.xp.astype(max_norm, norm.dtype)
-    leaves, scale = _clip(tree, norm, max_norm, eps, "propagate", inplace=inplace)
-    return leaves, state, _info(tree, norm, max_norm, scale)
+    tree: _tree.Tree,
+    clipper: Any,
+    state: Any,
+    ord: Any,
+    eps: Any,
+    nonfinite: Any,
+    *,
+    inplace: bool,
+    **dist: Any,
+) -> Any:
+    p = _checks.check_ord(ord)
+    eps = _checks.check_nonneg(eps, "eps")
+    nonfinite = _checks.check_nonfinite(nonfinite)
+    return clip_step(
+        tree,
+        p,
+        eps=eps,
+        nonfinite=nonfinite,
+        inplace=inplace,
+        clipper=clipper,
+        state=state,
+        **dist,
+    )
 
 
-def _info(tree: _tree.Tree, norm: Any, max_norm: Any, scale: Any) -> ClipInfo:
-    return ClipInfo(norm, max_norm, _compat.as_array(tree.xp, scale < 1))
+def _info(step: Any) -> ClipInfo:
+    return ClipInfo(step.norm, step.max_norm, step.clipped)
 
 
 class _Imperative:
@@ -139,18 +164,17 @@ class _Imperative:
 
     state: Any = None
 
-    def clip(self, grads: Any, /, *, ord: float = 2, eps: float = 0.0) -> tuple[Any, ClipInfo]:
-        """Clip ``grads`` (functional); returns ``(clipped, info)`` and keeps the state."""
+    def clip(self, grads: Any, /, **options: Any) -> tuple[Any, ClipInfo]:
+        """Clip ``grads`` (functional); returns ``(clipped, info)`` and keeps the state.
+        The keyword options are those of :func:`clip_stateful`."""
         state = self._state_for(grads)
-        out, self.state, info = clip_adaptive(
-            grads, self._for_step(state), state, ord=ord, eps=eps
-        )
+        out, self.state, info = clip_stateful(grads, self._for_step(state), state, **options)
         return out, info
 
-    def clip_(self, grads: Any, /, *, ord: float = 2, eps: float = 0.0) -> ClipInfo:
+    def clip_(self, grads: Any, /, **options: Any) -> ClipInfo:
         """Clip ``grads`` in place; returns ``info`` and keeps the state."""
         state = self._state_for(grads)
-        self.state, info = clip_adaptive_(grads, self._for_step(state), state, ord=ord, eps=eps)
+        self.state, info = clip_stateful_(grads, self._for_step(state), state, **options)
         return info
 
     def reset(self) -> None:
@@ -177,7 +201,7 @@ def _like(like: Any) -> tuple[Any, Any, Any]:
         )
     xp = _compat.array_namespace(like)
     dev = _compat.device(like)
-    kind = _tree.dtype_kind(xp, like.dtype)
+    kind = _compat.dtype_kind(xp, like.dtype)
     if kind in ("low", "float"):
         dt = _compat.accumulation_dtype(xp, [like.dtype])
     else:
@@ -261,7 +285,7 @@ class AutoClip(_Imperative):
     (2.0, True)
     """
 
-    def __init__(self, quantile: float = 0.9, history: int = 1000) -> None:
+    def __init__(self, *, quantile: float = 0.9, history: int = 1000) -> None:
         self.quantile = _fraction(quantile, "quantile")
         self.history = _count(history, "history")
 
@@ -312,7 +336,7 @@ class ZClipState(NamedTuple):
 class ZClip(_Imperative):
     """ZClip: clip norms whose EMA z-score is a spike (arXiv:2504.02507).
 
-    During the first ``warmup_steps`` steps the threshold is ``max_grad_norm`` and
+    During the first ``warmup_steps`` steps the threshold is ``max_norm`` and
     the norms' mean and population variance are collected. After that, with ``mu``
     and ``sigma**2`` exponential moving averages (factor ``alpha``) and
     ``z = (norm - mu) / (sigma + eps)``:
@@ -323,7 +347,8 @@ class ZClip(_Imperative):
     - ``mode="percentile"``: the threshold is ``mu + z_thresh * sigma`` when the norm
       exceeds it;
 
-    and it is never looser than ``max_grad_norm`` (``None``: no such bound). The
+    and it is never looser than ``max_norm`` (``None``: no such bound; the package's
+    ``max_grad_norm``). The
     statistics are then updated once with the clipped value (the adaptive threshold
     on a spike, else the norm), unless ``skip_update_on_spike``. These are the rule
     and the defaults of the ``zclip`` 1.0.0 package, which is tested to give the same
@@ -333,7 +358,7 @@ class ZClip(_Imperative):
     Examples
     --------
     >>> import numpy as np, gradclip as gc
-    >>> clipper = gc.ZClip(warmup_steps=3, max_grad_norm=None)
+    >>> clipper = gc.ZClip(warmup_steps=3, max_norm=None)
     >>> norms = [1.0, 1.1, 0.9, 1.0, 5.0]
     >>> infos = [clipper.clip_(np.array([n])) for n in norms]
     >>> [bool(i.clipped) for i in infos]
@@ -342,9 +367,10 @@ class ZClip(_Imperative):
 
     def __init__(
         self,
+        *,
         alpha: float = 0.97,
         z_thresh: float = 2.5,
-        max_grad_norm: float | None = 1.0,
+        max_norm: float | None = 1.0,
         eps: float = 1e-6,
         warmup_steps: int = 25,
         mode: str = "zscore",
@@ -354,9 +380,9 @@ class ZClip(_Imperative):
     ) -> None:
         self.alpha = _fraction(alpha, "alpha")
         self.z_thresh = _positive(z_thresh, "z_thresh")
-        if max_grad_norm is not None:
-            _checks.check_nonneg(max_grad_norm, "max_grad_norm")
-        self.max_grad_norm = max_grad_norm
+        if max_norm is not None:
+            _checks.check_nonneg(max_norm, "max_norm")
+        self.max_norm = max_norm
         self.eps = float(_checks.check_nonneg(eps, "eps"))
         self.warmup_steps = _count(warmup_steps, "warmup_steps")
         if mode not in ("zscore", "percentile"):
@@ -379,7 +405,7 @@ class ZClip(_Imperative):
         xp = _compat.array_namespace(state.mean)
         mean, var = state.mean, state.var
         x = _norm_as(xp, norm, mean)
-        bound = math.inf if self.max_grad_norm is None else float(self.max_grad_norm)
+        bound = math.inf if self.max_norm is None else float(self.max_norm)
         ceiling = _full(xp, bound, mean)
         warm = state.step < self.warmup_steps
 
@@ -448,7 +474,7 @@ class QuantileClip(_Imperative):
     Examples
     --------
     >>> import numpy as np, gradclip as gc
-    >>> clipper = gc.QuantileClip(initial_threshold=1.0)
+    >>> clipper = gc.QuantileClip(initial_max_norm=1.0)
     >>> state = clipper.init(np.float64(0))
     >>> c, state = clipper.threshold(state, np.array([0.5, 2.0, 3.0, 4.0]))
     >>> float(c), round(float(state.clip), 6)   # 1/4 at most C: C grows by exp(0.05)
@@ -457,17 +483,15 @@ class QuantileClip(_Imperative):
 
     def __init__(
         self,
-        initial_threshold: float = 0.1,
+        *,
+        initial_max_norm: float = 0.1,
         target_quantile: float = 0.5,
         learning_rate: float = 0.2,
-        *,
         noise_multiplier: float = 0.0,
         update: str = "geometric",
         seed: int | None = None,
     ) -> None:
-        self.initial_threshold = float(
-            _checks.check_nonneg(initial_threshold, "initial_threshold")
-        )
+        self.initial_max_norm = float(_checks.check_nonneg(initial_max_norm, "initial_max_norm"))
         self.target_quantile = _fraction(target_quantile, "target_quantile")
         self.learning_rate = float(_checks.check_nonneg(learning_rate, "learning_rate"))
         self.noise_multiplier = float(_checks.check_nonneg(noise_multiplier, "noise_multiplier"))
@@ -479,7 +503,7 @@ class QuantileClip(_Imperative):
 
     def init(self, like: Any) -> QuantileClipState:
         xp, dt, dev = _like(like)
-        return QuantileClipState(xp.asarray(self.initial_threshold, dtype=dt, device=dev))
+        return QuantileClipState(xp.asarray(self.initial_max_norm, dtype=dt, device=dev))
 
     def threshold(
         self, state: QuantileClipState, norm: Any, *, noise: Any = None

@@ -7,47 +7,51 @@
   - large contiguous tensors as rows of ``BLOCK`` elements, one
     ``torch.linalg.vector_norm(..., dim=1)`` per tensor (16-bit ones widened piece by
     piece into a bounded float32 buffer first): torch's own threads, and short rows
-    keep its few float32 accumulators accurate (a flat ``vector_norm`` of 2^25
-    elements is off by ~1e-3);
+    keep its few float32 accumulators accurate (a flat ``vector_norm`` of tens of
+    millions of elements is not);
   - small tensors concatenated in batches into a bounded buffer (``torch.cat``, a
     copy per tensor in C++), one norm per batch: thousands of tensors cost a few
-    hundred calls, not one each (``torch._foreach_norm`` on the CPU is a loop of
-    ~1 us per tensor);
-  - strided tensors through :mod:`gradclip._fast_numpy` on zero-copy views;
+    hundred calls, not one each (``torch._foreach_norm`` on the CPU is a loop over
+    the tensors);
+  - strided tensors through :mod:`._host` on zero-copy NumPy views;
   - contiguous bfloat16 and float32 tensors, where the C kernels are built
-    (:mod:`gradclip._native`), by the kernel over tables of their addresses on
-    NumPy's threads: one read, thousands of tensors in a call (the scaling too; no
-    torch op then runs, so no OpenMP worker of torch spins beside NumPy's threads).
+    (:mod:`._native`), by the kernel over tables of their addresses on its thread
+    pool: one read, thousands of tensors in a call (the scaling too; no torch op
+    then runs, so no OpenMP worker of torch spins beside the pool's threads).
 
   When the total could have overflowed or underflowed (inf, NaN, huge or tiny
-  values, zeros), every tensor is recomputed exactly by the NumPy path.
+  values, zeros), every tensor is recomputed exactly by the host path.
 * CUDA, 2-norm of float16/bfloat16/float32 leaves: one
   ``torch._foreach_norm(..., dtype=torch.float64)`` per (device, dtype) group, one
   fused read of every leaf accumulated in float64, where no square of a finite
   float32 value overflows or underflows (the exponent range of float64 is eight times
   float32's), then the float64 norm of the leaves' norms rounded once to float32:
-  torch's own launches, no temporaries, and no need for the core's scaling by the
-  maxima.
-* Any other device (MPS, ...), float64 leaves, the inf-norm: the core's per-leaf
+  torch's own launches, no temporaries, and no need for the reference's scaling by
+  the maxima.
+* Any other device (MPS, ...), float64 leaves, the inf-norm: the reference's per-leaf
   terms ``(m, s)`` from ``torch._foreach_norm`` over each group, combined by the
-  core's ``_combine``; float16 groups need one pass, other groups take the maxima
+  reference's ``combine``; float16 groups need one pass, other groups take the maxima
   first and then the norms of the leaves divided by them.
 * Scaling: ``torch._foreach_mul_`` per (device, dtype) group with the scale as a 0-d
   tensor, so there is no host synchronisation (on the CPU a scale of exactly 1 writes
   nothing). On CUDA, 16-bit leaves are multiplied by the scale rounded to their dtype,
   as ``torch.nn.utils.clip_grad_norm_`` does: torch's fused kernel reads a 0-d scale in
   the leaves' dtype, and no stock torch kernel multiplies them by a float32 scale
-  held in device memory without a float32 copy of every leaf (the core's way), so
-  the result may differ from the core's by an ulp of the leaf's dtype. Large
+  held in device memory without a float32 copy of every leaf (the reference's way),
+  so the result may differ from the reference's by an ulp of the leaf's dtype. Large
   contiguous 16-bit CPU tensors, in groups of ``WIDE_MIN_BYTES`` or more, go piece by
   piece through a float32 buffer instead (widen, multiply, round back:
   torch's own result, bit for bit, faster than its 16-bit kernel on memory that is
   not in the cache).
+
+Nothing outside the host path reads a value back: the scale stays a 0-d tensor on
+the device, so a step that clips can be compiled and captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import numbers
@@ -55,22 +59,17 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import _checks, _clipping, _compat, _fast_numpy, _native, _norms, _tree
+from .. import _compat, _reference
+from .._checks import scalar_or_array
+from .._tree import Tree
+from . import _host, _native
 
-__all__ = ["clip_scale_impl", "global_norm_impl", "leaf_terms", "scale_impl"]
+__all__ = ["TorchPath", "leaf_terms", "select"]
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-
-
-def _kind(tree: _tree.Tree) -> str | None:
-    """``"host"`` for plain eager CPU tensors, ``"device"`` for other eager tensors,
-    ``None`` where the core must run (traced, autograd history, other dtypes,
-    tensor subclasses such as DTensor)."""
-    return _tree.memo(tree, "kind", _find_kind)
-
-
 _TYPES = {torch.Tensor, torch.nn.Parameter}
 _IS_CPU = operator.attrgetter("is_cpu")
 # the buffer small CPU tensors are concatenated into: at most this share of the
@@ -78,33 +77,39 @@ _IS_CPU = operator.attrgetter("is_cpu")
 CAT_SHARE, CAT_MAX = 0.008, 1 << 16
 WIDE_MAX = 1 << 18  # elements of the float32 buffer 16-bit tensors are widened into
 # 16-bit tensors smaller than this together are likely in the last-level cache, where
-# torch's own 16-bit multiply (0.15 ns an element) beats scaling them through the
-# float32 buffer (0.22); past it, out of the cache, it is the other way (0.45, 0.29)
+# torch's own 16-bit multiply beats widening them through the float32 buffer; past
+# it, out of the cache, the buffer is faster
 WIDE_MIN_BYTES = 1 << 26
 DOT_MAX = 1 << 12  # one float32 BLAS dot is accurate to an ulp or two up to this length
-# (over 2^16 elements of widened bfloat16 values it is off by ~2e-6)
 BLOCK = 1 << 10  # elements per row of a large tensor's blocked norm (torch sums a row in
-# a few float32 lanes: its error grows with the row, ~1.5e-7 at 1024)
+# a few float32 lanes: its error grows with the row)
 
 
-def _dtypes(tree: _tree.Tree) -> frozenset[Any]:
-    if tree.dtypes is not None:
-        return tree.dtypes
-    return _tree.memo(tree, "dtypes", lambda tree: frozenset(x.dtype for x in tree.leaves))
+def _leaf_dtypes(tree: Tree) -> frozenset[Any]:
+    return tree.dtypes if tree.dtypes is not None else frozenset(x.dtype for x in tree.leaves)
 
 
-def _find_kind(tree: _tree.Tree) -> str | None:
+def select(tree: Tree) -> TorchPath | None:
+    """The fast path for plain eager float tensors, or ``None`` where the reference
+    must run (traced, autograd history, other dtypes, tensor subclasses such as
+    DTensor)."""
+    kind = _kind(tree)
+    return None if kind is None else TorchPath(tree, kind)
+
+
+def _kind(tree: Tree) -> str | None:
+    """``"host"`` for plain CPU tensors, ``"device"`` for other eager tensors."""
     leaves = tree.leaves
     if _compat.is_lazy(leaves[0]):
         return None
     types = set(map(type, leaves))
     if not types <= _TYPES:
-        return None  # DTensor and other subclasses: their own dispatch, in the core
-    dtypes = _dtypes(tree)
+        return None  # DTensor and other subclasses: their own dispatch, in the reference
+    dtypes = _leaf_dtypes(tree)
     if not dtypes <= _FLOATS:
         return None
     if tree.requires_grad:
-        return None  # autograd history: the core's ops are differentiable
+        return None  # autograd history: the reference's ops are differentiable
     if torch._C._functorch.peek_interpreter_stack() is not None and any(
         map(torch._C._functorch.is_functorch_wrapped_tensor, leaves)
     ):  # (wrapped tensors exist only inside a torch.func transform)
@@ -139,37 +144,22 @@ def _groups(
     return groups
 
 
-def _tree_groups(tree: _tree.Tree) -> dict[tuple[Any, Any], Sequence[int]]:
-    return _tree.memo(tree, "groups", lambda tree: _groups(tree.leaves, _one_group(tree)))
-
-
 _IS_CUDA = operator.attrgetter("is_cuda")
 
 
-def _one_group(tree: _tree.Tree) -> bool:
-    """Whether all leaves share one dtype and device (known without torch's grouping,
-    which costs ~0.2 us a tensor): plain CPU tensors, or tensors on one CUDA device."""
-    if len(_dtypes(tree)) != 1:
-        return False
-    if _kind(tree) == "host":
-        return True
-    leaves = tree.leaves
-    return all(map(_IS_CUDA, leaves)) and len(set(map(torch.Tensor.get_device, leaves))) == 1
-
-
-def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
-    """The core's per-leaf ``(m, s)`` (``p`` 2 or inf) from grouped foreach norms."""
-    acc = tree.acc_dtype
-    terms: list[Any] = [None] * len(tree.leaves)
-    for (_, dtype), idx in _tree_groups(tree).items():
-        empty = [i for i in idx if tree.leaves[i].numel() == 0]
+def leaf_terms(t: TorchPath, p: float) -> list[tuple[Any, Any]]:
+    """The reference's per-leaf ``(m, s)`` (``p`` 2 or inf) from grouped foreach norms."""
+    leaves, acc = t.tree.leaves, t.tree.acc_dtype
+    terms: list[Any] = [None] * len(leaves)
+    for (_, dtype), idx in t.groups.items():
+        empty = [i for i in idx if leaves[i].numel() == 0]
         for i in empty:  # no elements: m = s = 0 (the inf-norm has no identity)
-            zero = torch.zeros((), dtype=acc, device=tree.leaves[i].device)
+            zero = torch.zeros((), dtype=acc, device=leaves[i].device)
             terms[i] = (zero, None if math.isinf(p) else zero)
-        idx = [i for i in idx if tree.leaves[i].numel() > 0]
+        idx = [i for i in idx if leaves[i].numel() > 0]
         if not idx:
             continue
-        xs = [tree.leaves[i] for i in idx]
+        xs = [leaves[i] for i in idx]
         if dtype == torch.float16 and not math.isinf(p):
             # squares of float16 fit float32: one pass; n = d * sqrt(s) with d = n, s = 1
             for i, n in zip(idx, torch._foreach_norm(xs, 2, dtype=acc)):
@@ -181,57 +171,53 @@ def leaf_terms(tree: _tree.Tree, p: float) -> list[tuple[Any, Any]]:
             for i, m in zip(idx, ms):
                 terms[i] = (m, None)
             continue
-        ds = [_norms._safe_scale(torch, m) for m in ms]
+        ds = [_reference.safe_scale(torch, m) for m in ms]
         if dtype != acc:  # 16-bit leaves: divide in float32
             xs = [x.to(acc) for x in xs]
         scaled = torch._foreach_div(xs, ds)
         for i, m, n in zip(idx, ms, torch._foreach_norm(scaled, 2, dtype=acc)):
             terms[i] = (m, n * n)
-    return [
-        (_norms._to_common_device(tree, m), s if s is None else _norms._to_common_device(tree, s))
-        for m, s in terms
-    ]
+    common = functools.partial(_reference.to_common_device, t.tree)
+    return [(common(m), s if s is None else common(s)) for m, s in terms]
 
 
 _WIDE = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
-def _on_cuda(tree: _tree.Tree) -> bool:
-    """Every leaf on a CUDA device, where ``torch._foreach_norm`` is one fused kernel
-    (elsewhere it is a loop of ``vector_norm`` calls, whose ``dtype`` casts a copy)."""
-    return all(device.type == "cuda" for device, _ in _tree_groups(tree))
-
-
-def _wide_norm(tree: _tree.Tree) -> Any:
+def _wide_norm(t: TorchPath) -> Any:
     """The 2-norm of float16/bfloat16/float32 leaves on a device: each group's leaf
     norms from one foreach launch accumulating in float64 (squares of finite float32
     values neither overflow nor underflow there), their float64 norm rounded once to
     the accumulation dtype. Nothing is read back to the host."""
-    groups = _tree_groups(tree)
+    groups = t.groups
     norms: list[torch.Tensor] = []
     for idx in groups.values():
-        xs = tree.leaves if len(groups) == 1 else [tree.leaves[i] for i in idx]
+        xs = t.tree.leaves if len(groups) == 1 else [t.tree.leaves[i] for i in idx]
         norms += torch._foreach_norm(xs, 2, dtype=torch.float64)
     if len(groups) > 1:
-        norms = [_norms._to_common_device(tree, n) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms)).to(tree.acc_dtype)
+        norms = [_reference.to_common_device(t.tree, n) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms)).to(t.tree.acc_dtype)
 
 
-def _host_norm(tree: _tree.Tree, p: float) -> Any:
+def _np_dtype(acc: Any) -> Any:
+    return np.float64 if acc == torch.float64 else np.float32
+
+
+def _host_norm(t: TorchPath, p: float) -> Any:
     """The norm of plain CPU tensors, three ways by size and layout, added in float64
     and checked on the host: the small ones concatenated in batches into a buffer,
     the large contiguous ones as rows of ``BLOCK`` elements (one ``vector_norm`` per
     tensor or buffer of widened 16-bit values), the strided ones by NumPy's blocked
-    sum over views of their memory."""
-    acc = tree.acc_dtype
-    np_acc = _fast_numpy.np.float64 if acc == torch.float64 else _fast_numpy.np.float32
+    sum over views of their memory (:mod:`._host`)."""
+    acc = t.tree.acc_dtype
+    np_acc = _np_dtype(acc)
     if math.isinf(p):
-        value = _fast_numpy.norm_of_arrays([_numpy_view(x) for x in tree.leaves], p)
+        value = _host.norm_of_arrays([_numpy_view(x) for x in t.tree.leaves], p)
         return torch.tensor(value, dtype=acc)
-    sizes = _sizes(tree)
-    nbuf = _cat_size(tree)
-    leaves, total = tree.leaves, 0.0
-    if _native_wanted(tree, acc, _dtypes(tree), sizes):  # the C kernels (float32 lanes)
+    sizes = t.sizes
+    nbuf = t.cat_size
+    leaves, total = t.tree.leaves, 0.0
+    if _native_wanted(t, acc, t.dtypes, sizes):  # the C kernels (float32 lanes)
         groups, rest = _native_groups(leaves)
         for xs in groups.values():
             total += sum(_run_native(xs, _native.lib.sumsq_table))
@@ -252,31 +238,13 @@ def _host_norm(tree: _tree.Tree, p: float) -> Any:
             else:  # strided: NumPy's blocked sum over a view
                 big.append(_numpy_view(x))
                 big_size += n
-    total += _fast_numpy.sum_of_squares(big, np_acc, big_size) if big else 0.0
-    total += _blocked_sum(rows, acc, _wide_size(tree))
-    total += _concatenated_sum(small, acc, nbuf, _one_group(tree), small_sizes)
-    if not _fast_numpy.is_safe(total, np_acc):  # every tensor again, exactly
-        views = [_numpy_view(x) for x in tree.leaves]
-        return torch.tensor(_fast_numpy.norm_of_arrays(views, p, np_acc), dtype=acc)
+    total += _host.sum_of_squares(big, np_acc, big_size) if big else 0.0
+    total += _blocked_sum(rows, acc, t.wide_size)
+    total += _concatenated_sum(small, acc, nbuf, t.one_group, small_sizes)
+    if not _host.is_safe(total, np_acc):  # every tensor again, exactly
+        views = [_numpy_view(x) for x in t.tree.leaves]
+        return torch.tensor(_host.norm_of_arrays(views, p, np_acc), dtype=acc)
     return torch.tensor(math.sqrt(total), dtype=acc)
-
-
-def _cat_size(tree: _tree.Tree) -> int:
-    """Elements of the buffer small tensors are concatenated into (``CAT_SHARE`` of
-    the gradients' bytes, ``CAT_MAX`` at most); a quarter of it is a small tensor."""
-    return min(CAT_MAX, max(1024, int(sum(_sizes(tree)) * CAT_SHARE)))
-
-
-def _sizes(tree: _tree.Tree) -> list[int]:
-    """The leaves' numbers of elements (asked by the norm and again by the scaling)."""
-    return _tree.memo(tree, "sizes", lambda tree: list(map(torch.Tensor.numel, tree.leaves)))
-
-
-def _wide_size(tree: _tree.Tree) -> int:
-    """Elements of the float32 buffer 16-bit tensors are widened into: a multiple of
-    ``BLOCK``, at most ``WIDE_MAX`` and half of ``CAT_SHARE`` of the gradients' bytes."""
-    size = sum(_sizes(tree))
-    return min(WIDE_MAX, max(BLOCK << 4, int(size * CAT_SHARE) // 2 // BLOCK * BLOCK))
 
 
 def _widened_mul_(
@@ -286,9 +254,9 @@ def _widened_mul_(
     a float32 0-d tensor (torch's 16-bit kernel widens each element, multiplies by
     ``s`` in float32 and rounds once). When ``xs`` hold ``WIDE_MIN_BYTES`` or more, the
     large contiguous ones go piece by piece through a float32 buffer of ``nbuf``
-    elements instead (widen, multiply, round back: the same result, bit for bit, at
-    0.29 ns an element where torch's kernel takes 0.45 on memory out of the cache); the
-    others, and all of them below that size, with ``torch._foreach_mul_``."""
+    elements instead (widen, multiply, round back: the same result, bit for bit, and
+    faster than torch's 16-bit kernel on memory out of the cache); the others, and all
+    of them below that size, with ``torch._foreach_mul_``."""
     large = []
     if sum(sizes) * 2 >= WIDE_MIN_BYTES:  # (smaller: likely in the cache)
         large = [i for i, n in enumerate(sizes) if n >= nbuf // 4 and xs[i].is_contiguous()]
@@ -312,24 +280,24 @@ _NATIVE = {torch.bfloat16: 2, torch.float32: 4}  # dtypes of the C kernels: item
 def _native_groups(xs: Sequence[torch.Tensor]) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
     """The contiguous float32 and bfloat16 tensors of ``xs`` by dtype, for the C
     kernels, and the indices of the others."""
-    return _fast_numpy.native_groups(xs, _NATIVE, torch.Tensor.is_contiguous)
+    return _native.native_groups(xs, _NATIVE, torch.Tensor.is_contiguous)
 
 
-def _native_wanted(tree: _tree.Tree, acc: Any, dtypes: Any, sizes: Sequence[int]) -> bool:
+def _native_wanted(t: TorchPath, acc: Any, dtypes: Any, sizes: Sequence[int]) -> bool:
     """Whether tensors of ``dtypes`` (``sizes`` elements) go to the C kernels, in a
     float32 accumulation (or scale: the kernels' float32 lanes): bfloat16 ones always,
     float32 ones unless all are small (then torch's concatenated path is faster, and
-    it runs no NumPy thread). Small and large ones together all go: a torch op on the
-    small ones would leave torch's OpenMP workers spinning beside NumPy's threads."""
+    it runs no pool thread). Small and large ones together all go: a torch op on the
+    small ones would leave torch's OpenMP workers spinning beside the pool's threads."""
     if _native.lib is None or acc != torch.float32 or not dtypes & _NATIVE.keys():
         return False
-    return torch.bfloat16 in dtypes or max(sizes) > _cat_size(tree) // 4
+    return torch.bfloat16 in dtypes or max(sizes) > t.cat_size // 4
 
 
 def _run_native(xs: Sequence[torch.Tensor], kernel: Callable, *args: Any) -> list[Any]:
     """``kernel`` over contiguous tensors of one dtype of the C kernels."""
     size = sum(map(torch.Tensor.numel, xs))
-    return _fast_numpy.run_native(
+    return _native.run_native(
         xs,
         torch.Tensor.data_ptr,
         size,
@@ -424,26 +392,6 @@ def _concatenated_sum(
     return total + _sum_of_squares(norms)
 
 
-def global_norm_impl(tree: _tree.Tree) -> Callable[[_tree.Tree, float], Any] | None:
-    kind = _kind(tree)
-    if kind is None:
-        return None
-
-    def norm(tree: _tree.Tree, p: float) -> Any:
-        if p != 2 and not math.isinf(p):
-            from . import _backends
-
-            with _backends.fast_paths(False):
-                return _norms.tree_norm(tree, p)
-        if kind == "host":
-            return _host_norm(tree, p)
-        if p == 2 and _dtypes(tree) <= _WIDE and _on_cuda(tree):
-            return _wide_norm(tree)
-        return _norms._combine(tree, leaf_terms(tree, p), p)
-
-    return norm
-
-
 def _importable(name: str) -> bool:
     try:
         __import__(name)
@@ -452,38 +400,95 @@ def _importable(name: str) -> bool:
     return True
 
 
-def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any], Any] | None:
-    kind = _kind(tree)
-    if kind is None:  # traced, autograd history (the core's ops are differentiable), ...
-        return None
-    host = kind == "host"
+class TorchPath:
+    """One call's facts of a tree of plain eager tensors, found when first asked."""
 
-    def scale(tree: _tree.Tree, scale: Any) -> list[Any]:
+    def __init__(self, tree: Tree, kind: str) -> None:
+        self.tree, self.kind = tree, kind
+
+    @functools.cached_property
+    def dtypes(self) -> frozenset[Any]:
+        return _leaf_dtypes(self.tree)
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """The leaves' numbers of elements (asked by the norm and again by the scaling)."""
+        return list(map(torch.Tensor.numel, self.tree.leaves))
+
+    @functools.cached_property
+    def one_group(self) -> bool:
+        """Whether all leaves share one dtype and device (known without torch's
+        grouping, which costs a call per tensor): plain CPU tensors, or tensors on
+        one CUDA device."""
+        if len(self.dtypes) != 1:
+            return False
+        if self.kind == "host":
+            return True
+        leaves = self.tree.leaves
+        return all(map(_IS_CUDA, leaves)) and len(set(map(torch.Tensor.get_device, leaves))) == 1
+
+    @functools.cached_property
+    def groups(self) -> dict[tuple[Any, Any], Sequence[int]]:
+        return _groups(self.tree.leaves, self.one_group)
+
+    @functools.cached_property
+    def on_cuda(self) -> bool:
+        """Every leaf on a CUDA device, where ``torch._foreach_norm`` is one fused kernel
+        (elsewhere it is a loop of ``vector_norm`` calls, whose ``dtype`` casts a copy)."""
+        return all(device.type == "cuda" for device, _ in self.groups)
+
+    @functools.cached_property
+    def cat_size(self) -> int:
+        """Elements of the buffer small tensors are concatenated into (``CAT_SHARE`` of
+        the gradients' bytes, ``CAT_MAX`` at most); a quarter of it is a small tensor."""
+        return min(CAT_MAX, max(1024, int(sum(self.sizes) * CAT_SHARE)))
+
+    @functools.cached_property
+    def wide_size(self) -> int:
+        """Elements of the float32 buffer 16-bit tensors are widened into: a multiple of
+        ``BLOCK``, at most ``WIDE_MAX`` and half of ``CAT_SHARE`` of the gradients' bytes."""
+        size = int(sum(self.sizes) * CAT_SHARE) // 2 // BLOCK * BLOCK
+        return min(WIDE_MAX, max(BLOCK << 4, size))
+
+    def norm(self, p: float) -> Any:
+        if p != 2 and not math.isinf(p):
+            return None
+        if self.kind == "host":
+            return _host_norm(self, p)
+        if p == 2 and self.dtypes <= _WIDE and self.on_cuda:
+            return _wide_norm(self)
+        return _reference.combine(self.tree, leaf_terms(self, p), p)
+
+    def scale(self, scale: Any, norm: Any, nonfinite: str, inplace: bool) -> list[Any] | None:
+        if nonfinite == "zero":
+            return None
+        tree, host = self.tree, self.kind == "host"
+        # CPU memory is host memory: reading the scale there waits on nothing
         if host and inplace and float(scale) == 1.0:  # x * 1 is x bit for bit
             return tree.leaves
         casts: dict[Any, Any] = {}
         out: list[Any] = list(tree.leaves)
-        groups = _tree_groups(tree)
+        groups = self.groups
         for (device, dtype), idx in groups.items():
             xs = tree.leaves if len(groups) == 1 else [tree.leaves[i] for i in idx]
-            s = _clipping._cast(tree, casts, scale, xs[0])
+            s = _reference.cast_scale(tree, casts, scale, xs[0])
             if s.dtype != dtype and device.type == "cuda":
                 # torch's fused CUDA kernels read a tensor scale in the leaves' dtype
                 # (another dtype takes a slow loop that rounds it all the same)
                 s = s.to(dtype)
             sizes: Sequence[int] = []
             if inplace and host:
-                sizes = _sizes(tree)
+                sizes = self.sizes
                 sizes = sizes if len(groups) == 1 else [sizes[i] for i in idx]
-            if sizes and _native_wanted(tree, s.dtype, {dtype}, sizes):
-                # the C kernel on NumPy's threads (the float32 product, rounded once)
+            if sizes and _native_wanted(self, s.dtype, {dtype}, sizes):
+                # the C kernel on its pool (the float32 product, rounded once)
                 by_dtype, rest = _native_groups(xs)
                 for ys in by_dtype.values():
                     _run_native(ys, _native.lib.scale_table, float(s))
                 if rest:
                     torch._foreach_mul_([xs[i] for i in rest], s)
             elif sizes and s.dtype != dtype:
-                _widened_mul_(xs, s, _wide_size(tree), sizes)
+                _widened_mul_(xs, s, self.wide_size, sizes)
             elif inplace:
                 torch._foreach_mul_(xs, s)
             else:
@@ -493,24 +498,15 @@ def scale_impl(tree: _tree.Tree, *, inplace: bool) -> Callable[[_tree.Tree, Any]
                     out[i] = y.to(dtype) if low else y
         return out
 
-    return scale
-
-
-def clip_scale_impl(tree: _tree.Tree) -> Callable[[Any, Any, float], Any] | None:
-    if _kind(tree) is None:
-        return None
-    return lambda norm, max_norm, eps: _clip_scale(tree.xp, norm, max_norm, eps)
-
-
-def _clip_scale(xp: Any, norm: torch.Tensor, max_norm: Any, eps: float) -> torch.Tensor:
-    """The core's ``clip_scale`` (1 where ``norm + eps <= max_norm``, else their
-    quotient; NaN for a NaN norm) in three kernels where the core's Array API form
-    launches six: a Python ``max_norm`` becomes a 0-d CPU tensor, which torch passes
-    to a device kernel as an argument (no fill, no copy; a CUDA graph keeps its
-    value), and the quotient where it is not used (0/0, inf/inf) is overwritten."""
-    den = norm + eps if eps else norm
-    if isinstance(max_norm, numbers.Real):
-        m = torch.tensor(float(max_norm), dtype=norm.dtype)
-    else:
-        m = _checks.scalar_or_array(xp, max_norm, norm.dtype, norm.device)
-    return (m / den).masked_fill_(den <= m, 1.0)
+    def clip_scale(self, norm: torch.Tensor, max_norm: Any, eps: float) -> torch.Tensor:
+        """The reference's ``clip_scale`` (1 where ``norm + eps <= max_norm``, else
+        their quotient; NaN for a NaN norm) in three kernels where the Array API form
+            a Python ``max_norm`` becomes a 0-d CPU tensor, which torch passes to a device
+        kernel as an argument (no fill, no copy; a CUDA graph keeps its value), and the
+        quotient where it is not used (0/0, inf/inf) is overwritten."""
+        den = norm + eps if eps else norm
+        if isinstance(max_norm, numbers.Real):
+            m = torch.tensor(float(max_norm), dtype=norm.dtype)
+        else:
+            m = scalar_or_array(self.tree.xp, max_norm, norm.dtype, norm.device)
+        return (m / den).masked_fill_(den <= m, 1.0)

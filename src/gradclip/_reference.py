@@ -1,0 +1,268 @@
+"""The reference math: norms and scaling of gradient trees, on any Array API library.
+
+Every backend fast path must agree with this module to a few ulps; it imports no
+array library and no backend.
+
+The p-norm of all leaves taken as one vector is computed per leaf as
+``m * (sum (|x| / m) ** p) ** (1 / p)`` with ``m`` the leaf's largest magnitude, and
+the leaves are combined with the largest ``m`` as the common scale. Every term is
+then at most 1, so no finite input overflows, whatever its dtype or ``p``
+(float16 squares, float32 values of 1e30 and bfloat16 all stay finite), and the sums
+run in float32 or float64 (the accumulation dtype) with the library's pairwise or
+blocked reductions. Inf and NaN propagate: a NaN anywhere gives NaN, else an inf
+gives inf.
+
+Nothing here reads a value back to the host, so it works under ``jax.jit``,
+``torch.compile`` and on lazy Dask arrays. Zero gradients give a zero norm whose
+derivative is finite (a "double where" keeps ``sqrt`` away from 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import _compat
+from ._tree import Tree, size
+
+__all__ = [
+    "axis_norms",
+    "cast_scale",
+    "clip_scale",
+    "combine",
+    "divide",
+    "example_norms",
+    "leaf_norms",
+    "leaf_terms",
+    "real_dtype",
+    "safe_scale",
+    "scale_leaves",
+    "scaled",
+    "scaled_root",
+    "to_common_device",
+    "tree_norm",
+]
+
+
+# -- norms -------------------------------------------------------------------------------
+
+
+def tree_norm(tree: Tree, p: float) -> Any:
+    """The global ``p``-norm of a flattened tree (in its accumulation dtype)."""
+    terms = [leaf_terms(tree, x, p) for x in tree.leaves]
+    return _compat.as_array(tree.xp, combine(tree, terms, p))
+
+
+def leaf_norms(tree: Tree, p: float) -> list[Any]:
+    """Each leaf's own ``p``-norm (accumulation dtype, on the leaf's device)."""
+    return [axis_norms(tree, x, p) for x in tree.leaves]
+
+
+def axis_norms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None) -> Any:
+    """The ``p``-norms of leaf ``x`` over ``axis``, kept as size-1 axes (unit norms);
+    over every axis, as a 0-d array, when ``axis`` is ``None``."""
+    m, s = leaf_terms(tree, x, p, axis)
+    return m if math.isinf(p) else scaled_root(tree.xp, m, s, p)
+
+
+def example_norms(tree: Tree, p: float) -> Any:
+    """The ``p``-norm of each example: axis 0 of every leaf is the batch, every other
+    axis of every leaf is reduced. Shape ``(batch,)``, accumulation dtype."""
+    xp = tree.xp
+    terms = []
+    for x in tree.leaves:
+        if x.ndim == 1:  # one number per example; torch reads axis=() as "all axes"
+            x = xp.reshape(x, (x.shape[0], 1))
+        m, s = leaf_terms(tree, x, p, tuple(range(1, x.ndim)))
+        terms.append((xp.reshape(m, (-1,)), None if s is None else xp.reshape(s, (-1,))))
+    return combine(tree, terms, p)
+
+
+def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None) -> tuple:
+    """``(m, s)`` for one leaf: its largest magnitude and ``sum (|x| / d) ** p``.
+
+    ``d`` is ``m`` where ``m`` is finite and positive, else 1, so the terms are at
+    most 1 for finite leaves and inf/NaN flow into ``s`` otherwise. For ``p = inf``
+    ``s`` is unused (``None``). With ``axis``, both are taken over those axes only
+    and have the leaf's rank (the reduced axes kept with size 1).
+    """
+    xp, acc = tree.xp, tree.acc_dtype
+    keep = axis is not None
+    if size(x) == 0:
+        shape = tuple(1 if i in axis else n for i, n in enumerate(x.shape)) if keep else ()
+        zero = xp.zeros(shape, dtype=acc, device=tree.device)
+        return zero, (None if math.isinf(p) else zero)
+    a = xp.abs(x)
+    if a.dtype != acc:
+        a = xp.astype(a, acc)
+    m = xp.max(a, axis=axis, keepdims=keep)
+    if math.isinf(p):
+        return to_common_device(tree, m), None
+    d = safe_scale(xp, m)
+    if p == 2 and _compat.dtype_kind(xp, x.dtype) != "complex":
+        # the same squares from x itself: XLA then need not keep |x| for a second pass
+        y = divide(xp, x if x.dtype == acc else xp.astype(x, acc), d)
+    else:
+        y = divide(xp, a, d)
+    s = xp.sum(_power(xp, y, p), axis=axis, keepdims=keep)
+    return to_common_device(tree, m), to_common_device(tree, s)
+
+
+def combine(tree: Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
+    """The global norm from the per-leaf ``(m, s)`` terms (0-d, or arrays of one shape
+    for norms taken per example)."""
+    xp = tree.xp
+    ms = xp.stack([m for m, _ in terms])  # axis 0 runs over the leaves
+    big = xp.max(ms, axis=0)
+    if math.isinf(p):
+        return big
+    ss = xp.stack([s for _, s in terms])
+    scale = safe_scale(xp, big)
+    # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale); an
+    # inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
+    r = divide(xp, xp.where(ms > 0, safe_scale(xp, ms), xp.zeros_like(ms)), scale)
+    return scaled_root(xp, scale, xp.sum(_power(xp, r, p) * ss, axis=0), p)
+
+
+def _power(xp: Any, y: Any, p: float) -> Any:
+    return y * y if p == 2 else y if p == 1 else xp.pow(y, p)
+
+
+def divide(xp: Any, x: Any, d: Any) -> Any:
+    """``x / d`` for an array ``d >= 0``, right also where XLA multiplies by ``1 / d``.
+
+    XLA (JAX) rewrites a division by a broadcast value as a multiplication by its
+    reciprocal, and flushes that to zero when it is subnormal (``d > 2**126`` in
+    float32): ``x / d`` would be 0. There, beyond ``finfo.max / 16``, both sides are
+    first multiplied by ``2**-64`` (exact: what it flushes is below the result's
+    range). Other libraries divide (no extra kernels on a GPU).
+    """
+    if not _compat.is_jax_namespace(xp):
+        return x / d
+    c = xp.where(d > xp.finfo(d.dtype).max / 16, xp.full_like(d, 2.0**-64), xp.ones_like(d))
+    return (x * c) / (d * c)
+
+
+def safe_scale(xp: Any, m: Any) -> Any:
+    """``m`` where it is finite and positive, else 1: a divisor that is never 0."""
+    ok = xp.isfinite(m) & (m > 0)
+    return xp.where(ok, m, xp.ones_like(m))
+
+
+def scaled_root(xp: Any, d: Any, s: Any, p: float) -> Any:
+    """``d * s ** (1/p)`` with ``d`` made safe, and a finite derivative at ``s = 0``."""
+    d = safe_scale(xp, d)
+    pos = s > 0
+    s_safe = xp.where(pos, s, xp.ones_like(s))
+    root = xp.sqrt(s_safe) if p == 2 else s_safe if p == 1 else xp.pow(s_safe, 1.0 / p)
+    # s itself where it is 0 (the norm is 0) or NaN (the norm is NaN)
+    return xp.where(pos, d * root, s)
+
+
+def to_common_device(tree: Tree, v: Any) -> Any:
+    """Move a per-leaf 0-d result to the first leaf's device (torch/CuPy multi-device)."""
+    return _to_device(v, tree.device)
+
+
+# -- the scale and the multiply -----------------------------------------------------------
+
+
+def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
+    """``min(1, max_norm / (norm + eps))``, exactly 1 when ``norm + eps <= max_norm``.
+
+    A NaN norm gives a NaN scale and an infinite norm a zero scale (values flow
+    through, as in torch). The division never sees a zero denominator, so the
+    derivative is finite at a zero norm.
+    """
+    xp = _compat.array_namespace(norm)
+    den = norm + eps if eps else norm
+    keep = den <= max_norm  # False for NaN
+    one = xp.ones_like(den)
+    return xp.where(keep, one, divide(xp, max_norm, xp.where(keep, one, den)))
+
+
+def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list:
+    """Every leaf times ``scale`` (all zeros when the norm is not finite and
+    ``nonfinite == "zero"``); in place when asked, else new leaves."""
+    xp = tree.xp
+    ok = xp.isfinite(norm) if nonfinite == "zero" else None
+    if ok is not None:  # a NaN norm makes a NaN scale
+        scale = xp.where(ok, scale, xp.zeros_like(scale))
+    casts: dict[Any, Any] = {}
+    out = []
+    for x in tree.leaves:
+        s = cast_scale(tree, casts, scale, x)
+        if inplace and ok is None and _multiplies_in_place(x):
+            x *= s
+            out.append(x)
+            continue
+        if ok is not None:  # zero the leaf before scaling, so inf * 0 never makes a NaN
+            zero = xp.zeros((), dtype=x.dtype, device=_compat.device(x))
+            y = scaled(tree, xp.where(_to_device(ok, _leaf_device(x)), x, zero), s)
+        else:
+            y = scaled(tree, x, s)
+        if inplace:
+            x[...] = y
+            y = x
+        out.append(_compat.as_array(xp, y))
+    return out
+
+
+def _multiplies_in_place(x: Any) -> bool:
+    """NumPy, CuPy and torch compute ``x *= s`` in the scale's precision (a float32
+    scale on a float16 leaf is rounded once), so the operator needs no temporary."""
+    return _compat.is_numpy_array(x) or _compat.is_torch_array(x) or _compat.is_cupy_array(x)
+
+
+def scaled(tree: Tree, x: Any, scale: Any) -> Any:
+    """``x * scale`` in the leaf's dtype, for a ``scale`` from :func:`cast_scale`:
+    float16/bfloat16 leaves are multiplied in float32 and rounded once."""
+    xp = tree.xp
+    if scale.dtype != x.dtype and _compat.dtype_kind(xp, x.dtype) == "low":
+        return xp.astype(xp.astype(x, scale.dtype) * scale, x.dtype)
+    return x * scale
+
+
+def cast_scale(tree: Tree, cache: dict[Any, Any], scale: Any, x: Any) -> Any:
+    """The scale in the dtype (and on the device) to multiply leaf ``x`` by: the
+    leaf's real dtype, or the scale's own float32 for low-precision leaves; made once
+    per dtype and device (``cache``)."""
+    xp = tree.xp
+    key = (x.dtype, _device_key(x) if _moves(x) else None)
+    if key not in cache:
+        s = _to_device(scale, _leaf_device(x))
+        if _compat.dtype_kind(xp, x.dtype) != "low":
+            dt = real_dtype(tree, x)
+            s = s if s.dtype == dt else xp.astype(s, dt)
+        elif scale.dtype != xp.float32:
+            s = xp.astype(s, xp.float32)
+        cache[key] = s
+    return cache[key]
+
+
+def real_dtype(tree: Tree, x: Any) -> Any:
+    """The real dtype of leaf ``x`` (float32/float64 for complex leaves)."""
+    xp = tree.xp
+    if _compat.dtype_kind(xp, x.dtype) == "complex":
+        return xp.float64 if x.dtype == xp.complex128 else xp.float32
+    return x.dtype
+
+
+def _moves(x: Any) -> bool:
+    return _compat.is_torch_array(x) or _compat.is_cupy_array(x)
+
+
+def _leaf_device(x: Any) -> Any:
+    return x.device if _moves(x) else None
+
+
+def _device_key(x: Any) -> Any:
+    """A hashable name of a torch/CuPy array's device (CuPy's devices are not)."""
+    return x.device.id if _compat.is_cupy_array(x) else x.device
+
+
+def _to_device(v: Any, device: Any) -> Any:
+    """``v`` on ``device``, for leaves spread over several torch/CuPy devices."""
+    if device is not None and _moves(v) and v.device != device:
+        return _compat.to_device(v, device)
+    return v
