@@ -32,6 +32,7 @@ demo: $(VENV)/.demo-installed
 test: $(VENV)/.test-installed
 	$(BIN)/python -m ruff check $(LINTED)
 	$(BIN)/python -m ruff format --check $(LINTED)
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest
 
 # The documentation site, into site/ (strict: a warning is an error).
