@@ -28,10 +28,10 @@ from ._clipping import (
     clip_by_global_norm_,
     clip_by_norm,
     clip_by_value,
-    clip_scale,
     global_norm,
 )
 from ._per_example import per_example_clip
+from ._reference import clip_scale
 from ._unitwise import adaptive_grad_clip, clip_by_block_rms
 
 __version__ = "0.2.0"

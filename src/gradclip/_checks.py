@@ -68,4 +68,4 @@ def scalar_or_array(xp: Any, value: Any, dtype: Any, device: Any) -> Any:
             f"a 0-d {_compat.library_name(value)} array cannot be combined with "
             f"{xp.__name__} gradients; pass a Python number or an array of the same library"
         )
-    return xp.astype(value, dtype)
+    return value if value.dtype == dtype else xp.astype(value, dtype)

@@ -19,7 +19,6 @@ __all__ = [
     "clip_by_global_norm_",
     "clip_by_norm",
     "clip_by_value",
-    "clip_scale",
     "clip_step",
     "global_norm",
 ]
@@ -234,8 +233,7 @@ def clip_by_norm(grads: Any, /, max_norm: Any, *, ord: float = 2, eps: float = 0
     tree = _tree.flatten(grads)
     out = []
     for x, n in zip(tree.leaves, _reference.leaf_norms(tree, p)):
-        m = _checks.scalar_or_array(tree.xp, max_norm, n.dtype, _compat.device(n))
-        s = _reference.cast_scale(tree, {}, _reference.clip_scale(n, m, eps=eps), x)
+        s = _reference.cast_scale(tree, {}, _reference.clip_scale(n, max_norm, eps=eps), x)
         out.append(_compat.as_array(tree.xp, _reference.scaled(tree, x, s)))
     return tree.unflatten(out)
 
@@ -266,27 +264,6 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
             y = xp.clip(x, -xp.astype(c, x.dtype), xp.astype(c, x.dtype))
         out.append(_compat.as_array(xp, y))
     return tree.unflatten(out)
-
-
-def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
-    """``min(1, max_norm / (norm + eps))``, exactly 1 when ``norm + eps <= max_norm``.
-
-    The factor every clip by global norm multiplies the gradients by, for a norm the
-    caller has (summed over ranks by hand, say). A NaN norm gives a NaN scale and an
-    infinite norm a zero scale (values flow through, as in torch). The division never
-    sees a zero denominator, so the derivative is finite at a zero norm.
-
-    Examples
-    --------
-    >>> import numpy as np, gradclip as gc
-    >>> float(gc.clip_scale(np.float32(5.0), max_norm=1.0))
-    0.2
-    """
-    max_norm = _checks.check_nonneg(max_norm, "max_norm")
-    eps = _checks.check_nonneg(eps, "eps")
-    xp = _compat.array_namespace(norm)
-    m = _checks.scalar_or_array(xp, max_norm, norm.dtype, _compat.device(norm))
-    return _compat.as_array(xp, _reference.clip_scale(norm, m, eps=eps))
 
 
 # -- the one clip step ---------------------------------------------------------------------

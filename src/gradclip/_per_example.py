@@ -73,8 +73,7 @@ def per_example_clip(
     xp = tree.xp
     batch = _batch_size(tree)
     norms = example_norms(tree, 2.0)
-    c = _checks.scalar_or_array(xp, max_norm, norms.dtype, _compat.device(norms))
-    scale = clip_scale(norms, c, eps=eps)
+    scale = clip_scale(norms, max_norm, eps=eps)
     scale = xp.where(xp.isnan(scale), xp.ones_like(scale), scale)  # a NaN example: as optax
     num_clipped = xp.sum(xp.astype(scale < 1, xp.int32))
     if reduce == "mean":

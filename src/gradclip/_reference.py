@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import _compat
+from . import _checks, _compat
 from ._tree import Tree, size
 
 __all__ = [
@@ -170,15 +170,27 @@ def to_common_device(tree: Tree, v: Any) -> Any:
 def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
     """``min(1, max_norm / (norm + eps))``, exactly 1 when ``norm + eps <= max_norm``.
 
-    A NaN norm gives a NaN scale and an infinite norm a zero scale (values flow
-    through, as in torch). The division never sees a zero denominator, so the
-    derivative is finite at a zero norm.
+    The factor every clip by global norm multiplies the gradients by, for a norm the
+    caller has (summed over ranks by hand, say). A NaN norm gives a NaN scale and an
+    infinite norm a zero scale (values flow through, as in torch). The division never
+    sees a zero denominator, so the derivative is finite at a zero norm.
+
+    Examples
+    --------
+    >>> import numpy as np, gradclip as gc
+    >>> float(gc.clip_scale(np.float32(5.0), max_norm=1.0))
+    0.2
     """
     xp = _compat.array_namespace(norm)
+    max_norm = _checks.check_nonneg(max_norm, "max_norm")
+    eps = _checks.check_nonneg(eps, "eps")
+    max_norm = _checks.scalar_or_array(xp, max_norm, norm.dtype, _compat.device(norm))
     den = norm + eps if eps else norm
     keep = den <= max_norm  # False for NaN
     one = xp.ones_like(den)
-    return xp.where(keep, one, divide(xp, max_norm, xp.where(keep, one, den)))
+    return _compat.as_array(
+        xp, xp.where(keep, one, divide(xp, max_norm, xp.where(keep, one, den)))
+    )
 
 
 def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list:

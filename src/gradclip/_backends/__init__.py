@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import _compat, _reference
-from .._checks import scalar_or_array
 from .._tree import Tree
 
 __all__ = ["Plan", "enabled", "fast_paths", "plan"]
@@ -62,10 +61,7 @@ class Plan:
         """``min(1, max_norm / (norm + eps))`` as a 0-d array of the norm's dtype."""
         fast = getattr(self.fast, "clip_scale", None)
         out = None if fast is None else fast(norm, max_norm, eps)
-        if out is None:
-            m = scalar_or_array(self.tree.xp, max_norm, norm.dtype, self.tree.device)
-            out = _reference.clip_scale(norm, m, eps=eps)
-        return out
+        return _reference.clip_scale(norm, max_norm, eps=eps) if out is None else out
 
     def scale(self, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list[Any]:
         """Every leaf times the 0-d ``scale`` (zeros under ``nonfinite="zero"`` when

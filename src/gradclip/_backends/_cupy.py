@@ -1,24 +1,17 @@
-"""CuPy fast path: one kernel launch per dtype group, over a table of pointers.
+"""The CuPy backend: one kernel launch per dtype group, over a table of pointers.
 
-One launch per leaf loses to torch's fused foreach kernels on many small tensors, so
-the leaves of one dtype are described by a table (one device array of the data
-pointers, the sizes, and each block's leaf and first element) and cut into blocks of
-``BLOCK`` elements; one ``RawKernel`` launch gives every block its ``(m, s)`` term
-of the reference: ``m`` the largest magnitude (NaN sticky) and ``s`` the sum of
-``(|x| / d) ** 2`` with ``d = m`` when finite and > 0, else 1. float16 and float32
-blocks are read once and their squares summed in float64, where no square of a
-finite value overflows or underflows, then divided by ``d ** 2``; float64 blocks
-take two sweeps (the maximum, then the scaled squares from the cache). One more
-single-block launch combines every block's terms as the reference's ``combine`` does, in
-float64, and writes the norm in the accumulation dtype. The scaling is one launch
-per group too, reading the scale from device memory (no host synchronisation).
-Only C-contiguous float16/float32/float64 leaves qualify (CuPy has no bfloat16);
-anything else runs the reference. The tables are kept for the last few trees (keyed by
-their pointers and sizes), so a training loop copies nothing to the device.
+The leaves of one dtype are described by a table on the device (their pointers and
+sizes, each block's leaf and first element) and cut into blocks of ``BLOCK``
+elements. One ``RawKernel`` launch gives every block the reference's ``(m, s)``
+term (the largest magnitude, NaN sticky, and the sum of ``(|x| / m) ** 2``: squares
+of 16/32-bit values summed in float64, float64 blocks in two sweeps); one more
+single-block launch combines them as :func:`gradclip._reference.combine` does. The
+scaling is one launch per group, reading the scale from device memory. Only
+C-contiguous float16/float32/float64 leaves on one device qualify; the tables of the
+last few trees stay on the device, so a training loop copies nothing.
 
-The planning (groups, tables, blocks) is plain Python and NumPy and is tested on the
-CPU, with :func:`emulate_terms` standing in for the kernel; the kernels are compiled
-and checked against the reference on a GPU (``tests/test_gpu.py``).
+The planning is plain NumPy and is tested on the CPU (:func:`emulate_terms` stands in
+for the kernel); the kernels are checked against the reference on a GPU.
 """
 
 from __future__ import annotations

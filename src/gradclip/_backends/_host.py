@@ -1,34 +1,19 @@
-"""Host memory: the global norm and the scaling of NumPy arrays, in chunks on threads.
+"""Host memory: the norm and the scaling of NumPy arrays, in chunks on threads.
 
-Used by the NumPy backend, and by the torch backend for CPU tensors (as zero-copy
-NumPy views). NumPy's ufuncs run on one thread but release the GIL, so large arrays
-are cut into chunks of ``CHUNK`` elements (views, never copies), small ones grouped
-into runs of up to as many, and the threads of :mod:`._native`'s pool take these
-units one by one.
+Used by the NumPy backend and, on zero-copy views, by the torch backend's CPU path.
+Large arrays are cut into chunks of ``CHUNK`` elements (views, never copies), small
+ones grouped into runs, and the threads of :mod:`._native`'s pool take these units
+one by one (NumPy releases the GIL).
 
-The 2-norm is a blocked sum: one BLAS dot (``sdot``/``ddot``, one read of the
-memory) per ``DOT`` elements, the dots' results added in float64; chunks of values
-with few significant bits (bfloat16 or float16 values, widened or stored as float32)
-by rows of ``ROW`` elements instead (see :func:`_dot`). When that total lies well inside the
-accumulation dtype's range, no square overflowed and what underflowed is negligible,
-so its square root is the norm to a few ulps (the chunks are short and summed in
-double precision: far more accurate than one dot over a large leaf). Only when it
-does not (an inf or NaN element, values near 1e19 in float32, tiny or zero
-gradients) is every chunk recomputed exactly: float32 and 16-bit chunks as float64,
-whose squares can neither overflow nor underflow, float64 chunks scaled by their
-largest magnitude as in the reference. So every finite input gives a finite, accurate
-norm, inf and NaN propagate (NaN first), and the result is the reference's to a few ulps.
-
-16-bit leaves (float16, ml_dtypes' bfloat16) and chunks of another dtype than the
-accumulator go through a small float32 buffer per thread, a piece at a time: the norm
-widens each piece and dots it (by rows); the scaling widens, multiplies in float32
-and rounds back once (as the reference). The buffers are the only arrays allocated:
-together at most ``BUFFER_SHARE`` of the gradients' bytes (half that for small
-inputs), and at most ``BUFFER_MAX`` elements each, so a piece stays in the L2 cache
-between its widening and its dot. Where the C kernels are built
-(:mod:`._native`), contiguous bfloat16 and float32 chunks take neither BLAS nor
-the buffer: one kernel call each sums their squares (exactly, see there) or scales
-them, without the GIL.
+The 2-norm is a blocked sum: a BLAS dot per ``DOT`` elements (rows of ``ROW`` for
+values with few significant bits, see :func:`_dot`), or the C kernel for contiguous
+bfloat16 and float32 chunks, the parts added in float64. When the total lies well
+inside the accumulation dtype's range, nothing was lost to overflow or underflow and
+its root is the norm to a few ulps; otherwise (inf, NaN, huge or tiny values) every
+chunk is summed again exactly (float32 as float64, float64 scaled by its largest
+magnitude). 16-bit chunks are widened a piece at a time into a small float32 buffer
+per thread; the buffers, the only arrays allocated, stay under ``BUFFER_SHARE`` of
+the gradients' bytes.
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
-"""JAX fast path: a one-read norm inside traces, and compiled eager calls.
+"""The JAX backend: a one-read norm inside traces, compiled calls outside them.
 
-* Inside a trace (``jax.jit``, ``grad``, ...) the 2-norm reads each leaf once.
-
-  - On the CPU it is first taken as the plain sum of squares in the accumulation
-    dtype (what optax does). When that sum lies well inside the dtype's range,
-    nothing was lost to overflow or underflow and its square root is the norm to a
-    few ulps; otherwise (an inf or NaN, values near 1e19 in float32, tiny or zero
-    gradients) ``lax.cond`` runs the core's scaled computation instead, on the device.
-  - On a GPU (and any other accelerator) XLA reads a ``lax.cond``'s predicate on the
-    host: one device-to-host round trip per call. There the same read gives the sums
-    of squares at a few power-of-two scales at once (:func:`ladder_norm`); for any
-    finite input one of them neither overflowed nor lost anything to underflow, and
-    ``jnp.where`` picks it. No branch, no host read.
-
+* Inside a trace the 2-norm reads each leaf once. On the CPU it is the plain sum of
+  squares, and ``lax.cond`` runs the reference only when that sum may have lost
+  something to overflow or underflow. On accelerators, where a ``lax.cond``'s
+  predicate is read on the host, the same read sums the squares at a few
+  power-of-two scales at once (:func:`ladder_norm`) and ``jnp.where`` picks a good
+  one: no branch, no host read.
 * Eager calls on concrete arrays run compiled functions (the norm, the scaling, or
-  the whole clip step handed over by the caller) whose executables ``jax.jit``
-  caches per tree structure, shapes and dtypes, so an eager ``clip_by_global_norm``
-  costs one dispatch instead of a few per leaf.
+  the whole clip step the caller hands over), cached by ``jax.jit`` per tree
+  structure, shapes and dtypes: one dispatch instead of a few per leaf.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-/* Optional CPU kernels for bfloat16 and float32 gradients (see gradclip/_native.py).
+/* Optional CPU kernels for bfloat16 and float32 gradients (see _native.py).
  *
- * NumPy has no bfloat16 of its own (ml_dtypes' casts run at ~2.4 elements per ns and
- * hold the GIL), torch's CPU kernels either round a bfloat16 norm to bfloat16 or cast
- * a float32 copy first, and a BLAS dot per chunk of float32 is slower than one read
- * of the memory. These loops read each element once:
+ * NumPy has no bfloat16 of its own (ml_dtypes' casts hold the GIL), torch's CPU
+ * kernels either round a bfloat16 norm to bfloat16 or cast a float32 copy first, and
+ * a BLAS dot per chunk of float32 is slower than one read of the memory. These loops
+ * read each element once:
  *
  *   sumsq(x)        the sum of squares: float32 lanes per row of 1024 elements (a
  *                   bfloat16 value's square is exact in float32), the rows added in
@@ -12,14 +12,14 @@
  *                   finite float32 value overflows or underflows. So any finite input
  *                   gives an accurate sum, and inf and NaN propagate.
  *   scale(x, y, s)  y = x * s in float32, rounded once to the leaf's dtype (to nearest
- *                   even for bfloat16, NaN kept NaN): bit for bit what the core
+ *                   even for bfloat16, NaN kept NaN): bit for bit what the reference
  *                   (NumPy, ml_dtypes) and torch's CPU kernels give.
  *
  * x and y are C-contiguous buffers: format 'H' holds bfloat16 bits (a uint16 view:
  * ml_dtypes' arrays export no buffer of their own), format 'f' float32. The _table
  * variants take a table of addresses and counts and the item size instead (torch
  * tensors' data_ptr(): thousands of tensors in one call, no view of each). The GIL is
- * released while they run, so the NumPy path's threads run them side by side.
+ * released while they run, so the pool's threads run them side by side.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -181,7 +181,7 @@ static void scale_bf16(const uint16_t *x, uint16_t *y, int64_t n, float s) {
     scale_bf16_plain(x, y, n, s);
 }
 
-/* in blocks of 32: four vector multiplies a step (5 % faster than one) */
+/* in blocks of 32: four independent vector multiplies a step keep the core busy */
 CLONES static void scale_f32(const float *x, float *y, int64_t n, float s) {
     int64_t i = 0;
     for (; i + 32 <= n; i += 32)

@@ -1,24 +1,16 @@
 """The optional C kernels for bfloat16 and float32 on the CPU, and their thread pool.
 
-The kernels (``_kernels.c``) are built with the package where a C compiler is found
-(``setup.py``; the build goes on without them otherwise). ``lib`` is ``None`` when
-they are missing, or when the environment sets ``GRADCLIP_NATIVE=0``: the host
-paths then use BLAS dots and NumPy's multiply instead (the same results to an ulp
-or two: the tests hold both against the reference). The kernels release the GIL, so
-the pool's threads run them side by side.
+The kernels (``_kernels.c``) are built with the package where a C compiler is found;
+``lib`` is ``None`` when they are missing or ``GRADCLIP_NATIVE=0`` is set, and the
+host paths use BLAS dots and NumPy's multiply instead (the same results to an ulp or
+two). They release the GIL, so the pool's threads run them side by side.
 
-* ``sumsq(x)``: the sum of squares of a 1-D contiguous bfloat16 or float32 array, as
-  a Python float (float32 lanes per row of 1024, rows added in double, a row that
-  could have overflowed or underflowed summed again in double: accurate for any
-  finite input; inf and NaN propagate).
-* ``scale(x, y, s)``: ``y = x * s`` in float32, rounded once to the arrays' dtype (to
-  nearest even for bfloat16); ``x`` and ``y`` 1-D contiguous arrays of one dtype and
-  size, ``y`` may be ``x``; ``s`` a float32 value.
-* ``lib.sumsq_table(addresses, counts, itemsize)`` and ``lib.scale_table(addresses,
-  counts, itemsize, s)``: the same over a table of raw addresses (int64 arrays) of
-  bfloat16 (``itemsize`` 2) or float32 (4) memory, many arrays or tensors in one
-  call (:func:`run_native` makes the tables); ``lib.address(x)``, the data address
-  of a C-contiguous array.
+* ``sumsq(x)``: the sum of squares of a 1-D contiguous bfloat16 or float32 array,
+  accurate for any finite input (float32 lanes per row, rows added in double, a row
+  that could have overflowed or underflowed summed again in double).
+* ``scale(x, y, s)``: ``y = x * s`` in float32, rounded once to the arrays' dtype.
+* ``lib.sumsq_table`` and ``lib.scale_table``: the same over a table of addresses,
+  many arrays or tensors in one call (:func:`run_native`).
 
 The pool: large inputs are cut into units of ``CHUNK`` elements (a chunk of a large
 array, or a run of small ones) that a few threads take one by one, so a thread that

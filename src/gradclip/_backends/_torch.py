@@ -1,51 +1,27 @@
-"""PyTorch fast path: blocked norms on the CPU, grouped (foreach) norms elsewhere.
+"""The torch backend: blocked norms on the CPU, grouped (foreach) norms elsewhere.
 
-* Plain CPU tensors (eager, not traced by ``torch.compile`` or ``torch.func``, no
-  autograd history): a blocked sum of squares, added in float64 and checked on the
-  host (CPU memory is host memory: reading it waits on nothing):
+Plain eager tensors only; traced ones, those with autograd history and subclasses
+(DTensor) take the reference.
 
-  - large contiguous tensors as rows of ``BLOCK`` elements, one
-    ``torch.linalg.vector_norm(..., dim=1)`` per tensor (16-bit ones widened piece by
-    piece into a bounded float32 buffer first): torch's own threads, and short rows
-    keep its few float32 accumulators accurate (a flat ``vector_norm`` of tens of
-    millions of elements is not);
-  - small tensors concatenated in batches into a bounded buffer (``torch.cat``, a
-    copy per tensor in C++), one norm per batch: thousands of tensors cost a few
-    hundred calls, not one each (``torch._foreach_norm`` on the CPU is a loop over
-    the tensors);
-  - strided tensors through :mod:`._host` on zero-copy NumPy views;
-  - contiguous bfloat16 and float32 tensors, where the C kernels are built
-    (:mod:`._native`), by the kernel over tables of their addresses on its thread
-    pool: one read, thousands of tensors in a call (the scaling too; no torch op
-    then runs, so no OpenMP worker of torch spins beside the pool's threads).
-
-  When the total could have overflowed or underflowed (inf, NaN, huge or tiny
-  values, zeros), every tensor is recomputed exactly by the host path.
-* CUDA, 2-norm of float16/bfloat16/float32 leaves: one
-  ``torch._foreach_norm(..., dtype=torch.float64)`` per (device, dtype) group, one
-  fused read of every leaf accumulated in float64, where no square of a finite
-  float32 value overflows or underflows (the exponent range of float64 is eight times
-  float32's), then the float64 norm of the leaves' norms rounded once to float32:
-  torch's own launches, no temporaries, and no need for the reference's scaling by
-  the maxima.
-* Any other device (MPS, ...), float64 leaves, the inf-norm: the reference's per-leaf
-  terms ``(m, s)`` from ``torch._foreach_norm`` over each group, combined by the
-  reference's ``combine``; float16 groups need one pass, other groups take the maxima
-  first and then the norms of the leaves divided by them.
-* Scaling: ``torch._foreach_mul_`` per (device, dtype) group with the scale as a 0-d
-  tensor, so there is no host synchronisation (on the CPU a scale of exactly 1 writes
-  nothing). On CUDA, 16-bit leaves are multiplied by the scale rounded to their dtype,
-  as ``torch.nn.utils.clip_grad_norm_`` does: torch's fused kernel reads a 0-d scale in
-  the leaves' dtype, and no stock torch kernel multiplies them by a float32 scale
-  held in device memory without a float32 copy of every leaf (the reference's way),
-  so the result may differ from the reference's by an ulp of the leaf's dtype. Large
-  contiguous 16-bit CPU tensors, in groups of ``WIDE_MIN_BYTES`` or more, go piece by
-  piece through a float32 buffer instead (widen, multiply, round back:
-  torch's own result, bit for bit, faster than its 16-bit kernel on memory that is
-  not in the cache).
-
-Nothing outside the host path reads a value back: the scale stays a 0-d tensor on
-the device, so a step that clips can be compiled and captured in a CUDA graph.
+* CPU tensors: a blocked sum of squares, added in float64 and checked on the host
+  (CPU memory is host memory: reading it waits on nothing). Contiguous bfloat16
+  and float32 tensors go to the C kernels of :mod:`._native` in tables of
+  addresses; where those are missing, large tensors are summed as rows of ``BLOCK``
+  elements (short rows keep torch's float32 lanes accurate), small ones
+  concatenated in batches into a bounded buffer (one call per batch, not per
+  tensor), strided ones through :mod:`._host` on zero-copy NumPy views. A total that
+  could have overflowed or underflowed is recomputed exactly by the host path.
+* CUDA, 2-norm of 16/32-bit floats: one ``torch._foreach_norm(..., dtype=float64)``
+  per (device, dtype) group (no finite float32 square overflows in float64), their
+  norm rounded once: torch's own launches, no temporaries.
+* Other devices, float64, the inf-norm: the reference's per-leaf terms from
+  ``torch._foreach_norm``, combined by :func:`gradclip._reference.combine`.
+* Scaling: ``torch._foreach_mul_`` per group by a 0-d scale tensor: no host read, so
+  a clipping step compiles and can be captured in a CUDA graph. On CUDA, 16-bit
+  leaves are multiplied by the scale rounded to their dtype, as torch's own clip
+  does (its fused kernel reads the scale in the leaves' dtype): an ulp of the leaf
+  from the reference at most. Large 16-bit CPU tensors go through a float32 buffer
+  (widen, multiply, round back: torch's result bit for bit, faster out of cache).
 """
 
 from __future__ import annotations
