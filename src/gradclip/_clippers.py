@@ -98,7 +98,8 @@ def clip_stateful(
     """
     tree = _tree.flatten(grads)
     dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
-    step = _step(tree, clipper, state, ord, eps, nonfinite, inplace=False, **dist)
+    options = {"ord": ord, "eps": eps, "nonfinite": nonfinite, "clipper": clipper, "state": state}
+    step = clip_step(tree, **options, **dist)
     return tree.unflatten(step.leaves), step.state, _info(step)
 
 
@@ -121,34 +122,9 @@ def clip_stateful_(
     """
     tree = _tree.flatten(grads, inplace=True)
     dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
-    step = _step(tree, clipper, state, ord, eps, nonfinite, inplace=True, **dist)
+    options = {"ord": ord, "eps": eps, "nonfinite": nonfinite, "clipper": clipper, "state": state}
+    step = clip_step(tree, inplace=True, **options, **dist)
     return step.state, _info(step)
-
-
-def _step(
-    tree: _tree.Tree,
-    clipper: Any,
-    state: Any,
-    ord: Any,
-    eps: Any,
-    nonfinite: Any,
-    *,
-    inplace: bool,
-    **dist: Any,
-) -> Any:
-    p = _checks.check_ord(ord)
-    eps = _checks.check_nonneg(eps, "eps")
-    nonfinite = _checks.check_nonfinite(nonfinite)
-    return clip_step(
-        tree,
-        p,
-        eps=eps,
-        nonfinite=nonfinite,
-        inplace=inplace,
-        clipper=clipper,
-        state=state,
-        **dist,
-    )
 
 
 def _info(step: Any) -> ClipInfo:

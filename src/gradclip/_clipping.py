@@ -157,16 +157,8 @@ def clip_by_global_norm(
     array([0.4045, 0.809 , 1.2136, 1.6181, 2.0226])
     """
     tree = _tree.flatten(grads)
-    step = clip_step(
-        tree,
-        _checks.check_ord(ord),
-        _checks.check_nonneg(max_norm, "max_norm"),
-        eps=_checks.check_nonneg(eps, "eps"),
-        nonfinite=_checks.check_nonfinite(nonfinite),
-        process_group=process_group,
-        axis_name=axis_name,
-        replicated=replicated,
-    )
+    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    step = clip_step(tree, max_norm, ord=ord, eps=eps, nonfinite=nonfinite, **dist)
     return tree.unflatten(step.leaves), step.norm
 
 
@@ -205,13 +197,10 @@ def clip_by_global_norm_(
     >>> grads["w"], grads["b"]
     (array([0.6, 0. ]), array([0.8]))
     """
-    p = _checks.check_ord(ord)
-    max_norm = _checks.check_nonneg(max_norm, "max_norm")
-    eps = _checks.check_nonneg(eps, "eps")
-    nonfinite = _checks.check_nonfinite(nonfinite)
     tree = _tree.flatten(grads, inplace=True)  # every leaf checked before any is written
     dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
-    return clip_step(tree, p, max_norm, eps=eps, nonfinite=nonfinite, inplace=True, **dist).norm
+    options = {"ord": ord, "eps": eps, "nonfinite": nonfinite, "inplace": True}
+    return clip_step(tree, max_norm, **options, **dist).norm
 
 
 def clip_by_norm(grads: Any, /, max_norm: Any, *, ord: float = 2, eps: float = 0.0) -> Any:
@@ -293,9 +282,9 @@ class Step(NamedTuple):
 
 def clip_step(
     tree: _tree.Tree,
-    p: float,
     max_norm: Any = None,
     *,
+    ord: float = 2,
     eps: float = 0.0,
     nonfinite: str = "propagate",
     inplace: bool = False,
@@ -311,17 +300,22 @@ def clip_step(
     scale ``min(1, max_norm / (norm + eps))``, and the multiply under the
     ``nonfinite`` policy.
 
-    Its arguments are checked by the caller. The threshold is ``max_norm``, or what a
-    stateful ``clipper`` gives for this step's norm (``clipper.threshold(state,
-    norm)``); ``norm`` may be given (torch's ``clip_grads_with_norm_``). The backend
-    is chosen once per call (here, or by the caller: ``plan``) and serves every part
-    of the step.
+    The threshold is ``max_norm``, or what a stateful ``clipper`` gives for this
+    step's norm (``clipper.threshold(state, norm)``); ``norm`` may be given (torch's
+    ``clip_grads_with_norm_``). Every argument is checked before anything is
+    computed. The backend is chosen once per call (here, or by the caller: ``plan``)
+    and serves every part of the step.
     """
+    p = _checks.check_ord(ord)
+    eps = _checks.check_nonneg(eps, "eps")
+    nonfinite = _checks.check_nonfinite(nonfinite)
+    if clipper is None:
+        max_norm = _checks.check_nonneg(max_norm, "max_norm")
     plan = _backends.plan(tree) if plan is None else plan
     dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
     local = all(v is None for v in dist.values())
     if norm is None and clipper is None and not inplace and local:
-        compiled = plan.compiled(_whole, p=p, eps=eps, nonfinite=nonfinite)
+        compiled = plan.compiled(_whole, ord=p, eps=eps, nonfinite=nonfinite)
         if compiled is not None:  # eager JAX: the whole step in one compiled call
             leaves, norm, scale = compiled(max_norm)
             return Step(leaves, norm, max_norm, scale)
@@ -336,8 +330,8 @@ def clip_step(
     return Step(plan.scale(scale, norm, nonfinite, inplace=inplace), norm, max_norm, scale, state)
 
 
-def _whole(tree: _tree.Tree, max_norm: Any, *, p: float, eps: float, nonfinite: str) -> tuple:
-    step = clip_step(tree, p, max_norm, eps=eps, nonfinite=nonfinite)
+def _whole(tree: _tree.Tree, max_norm: Any, **options: Any) -> tuple:
+    step = clip_step(tree, max_norm, **options)
     return step.leaves, step.norm, step.scale
 
 

@@ -40,10 +40,6 @@ class Tree:
         """The tree with the same structure and ``leaves`` in place of the old ones."""
         return self._rebuild(iter(leaves))
 
-    @property
-    def numel(self) -> int:
-        return sum(size(x) for x in self.leaves)
-
     @functools.cached_property
     def requires_grad(self) -> bool:
         """True when a leaf is a torch tensor that requires grad (one C-level pass,

@@ -162,7 +162,8 @@ def clip_by_global_norm(
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
         tree = _tree.flatten(updates, "updates")
-        return tree.unflatten(_clipping.clip_step(tree, p, max_norm, **options).leaves), state
+        step = _clipping.clip_step(tree, max_norm, ord=p, **options)
+        return tree.unflatten(step.leaves), state
 
     return optax.GradientTransformation(optax.init_empty_state, update)
 
@@ -381,8 +382,9 @@ def _with_clipper(
         del params
         tree = _tree.flatten(updates, "updates")
         dt = state.norm.dtype  # the state keeps its dtypes from step to step
+        clipper_dt = _InDtype(clipper, dt)
         step = _clipping.clip_step(
-            tree, p, clipper=_InDtype(clipper, dt), state=state.clipper_state, **options
+            tree, ord=p, clipper=clipper_dt, state=state.clipper_state, **options
         )
         new = ClipByGlobalNormState(
             step.state, step.norm.astype(dt), step.max_norm.astype(dt), step.clipped

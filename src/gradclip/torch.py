@@ -309,8 +309,8 @@ class ClipHandle:
         with torch.no_grad():
             step = _clipping.clip_step(
                 tree,
-                self.p,
                 limit,
+                ord=self.p,
                 eps=self.eps,
                 nonfinite=self.nonfinite,
                 inplace=True,
@@ -457,4 +457,4 @@ def _scale(plan: _backends.Plan, max_norm: Any, norm: Any) -> None:
         norm = torch.tensor(norm, dtype=tree.acc_dtype, device=tree.device)
     if isinstance(max_norm, torch.Tensor):
         max_norm = max_norm.to(tree.device)  # the reference casts it, but keeps its device
-    _clipping.clip_step(tree, 2.0, max_norm, eps=EPS, inplace=True, norm=norm, plan=plan)
+    _clipping.clip_step(tree, max_norm, eps=EPS, inplace=True, norm=norm, plan=plan)
