@@ -16,7 +16,6 @@ import array_api_compat as _aac
 from array_api_compat import (
     device,
     is_array_api_obj,
-    is_array_api_strict_namespace,
     is_cupy_array,
     is_dask_array,
     is_jax_array,
@@ -37,9 +36,7 @@ __all__ = [
     "dtype_kind",
     "first_unwritable",
     "is_array_api_obj",
-    "is_array_api_strict_namespace",
     "is_cupy_array",
-    "is_dask_array",
     "is_jax_array",
     "is_jax_namespace",
     "is_lazy",
@@ -48,7 +45,6 @@ __all__ = [
     "is_torch_namespace",
     "library_name",
     "to_device",
-    "writable_problem",
 ]
 
 
@@ -84,7 +80,7 @@ def is_lazy(x: Any) -> bool:
     return is_torch_array(x) and _torch_compiling()
 
 
-def writable_problem(x: Any) -> str | None:
+def _writable_problem(x: Any) -> str | None:
     """Why ``x`` cannot be scaled in place, or ``None`` when it can."""
     if is_numpy_array(x):  # first: this runs once per leaf on every in-place call
         return None if x.flags.writeable else "the NumPy array is read-only"
@@ -119,7 +115,7 @@ def first_unwritable(
     """``(index, why)`` of the first leaf that cannot be scaled in place, or ``None``.
 
     One pass at C speed for the common cases (all NumPy arrays, all plain torch
-    tensors); :func:`writable_problem` leaf by leaf otherwise. ``requires_grad()``
+    tensors); :func:`_writable_problem` leaf by leaf otherwise. ``requires_grad()``
     tells whether any torch leaf requires grad, when the caller keeps that answer.
     """
     x = leaves[0]
@@ -137,7 +133,7 @@ def first_unwritable(
     ):
         return None
     for i, y in enumerate(leaves):
-        problem = writable_problem(y)
+        problem = _writable_problem(y)
         if problem is not None:
             return i, problem
     return None

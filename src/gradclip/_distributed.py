@@ -1,28 +1,17 @@
 """Global norms of gradients sharded over processes or devices, each shard counted once.
 
-The engines do the communication; gradclip only decides what each rank contributes:
+The engines communicate; gradclip decides what each rank contributes. With torch,
+``process_group=`` (a group, a list of groups forming a grid, or a ``DeviceMesh``)
+all-reduces the ranks' contributions, and DTensor (FSDP2) leaves reduce over their own
+mesh. With JAX, ``axis_name=`` (inside ``shard_map``/``pmap``) reduces over those
+axes; sharded arrays under plain ``jit`` need nothing, XLA inserts the collectives.
 
-- ``torch.distributed``: ``process_group=`` (a group, a list of groups whose ranks form
-  a grid, or a ``DeviceMesh``) all-reduces the ranks' contributions;
-- DTensor / FSDP2 gradients carry their own mesh and placements: a leaf sharded over a
-  mesh dimension is summed over it, a replicated one is counted once;
-- JAX: ``axis_name=`` (inside ``shard_map``/``pmap``) ``pmax``/``psum``\\ s over those
-  axes. Sharded ``jax.Array``\\ s under plain ``jit`` need nothing: XLA inserts the
-  collectives itself.
-
-A leaf that holds the same values on every rank of some groups (``replicated=``) is
-counted once: only the rank whose index is 0 in each of those groups includes it in
-its local norm; the others contribute exactly 0. One reduction over all groups then
-sums the shards once each. Nothing is read back to the host: ranks are host integers
-(torch) or ``lax.axis_index`` on the device (JAX).
-
-The ranks' local norms ``n_r`` are combined without overflow by two scalar
-collectives: ``M = max_r n_r``, then ``S = sum_r (n_r / M) ** p`` and
-``norm = M * S ** (1/p)``, the same scaled form as the per-leaf combination in
-:mod:`._reference`. Every summed term is at most 1, so this holds for any ``p``, for float64
-gradients and on devices without float64 (a single float64 sum of ``n_r ** p`` would
-overflow for large ``p`` or float64 gradients). The two reductions move 3 numbers
-each, so the extra latency is negligible next to the gradients' own all-reduce.
+A leaf replicated over some groups (``replicated=``) is counted by the rank whose
+index is 0 in each of them only; the others contribute 0. The ranks' local norms
+``n_r`` are then combined without overflow by two scalar collectives, ``M = max_r
+n_r`` and ``S = sum_r (n_r / M) ** p``, to ``M * S ** (1/p)`` (the scaled form of
+:mod:`._reference`, so no term exceeds 1 for any ``p``). Nothing is read back to the
+host: ranks are host integers (torch) or ``lax.axis_index`` on the device (JAX).
 """
 
 from __future__ import annotations

@@ -1,20 +1,14 @@
 """The reference math: norms and scaling of gradient trees, on any Array API library.
 
 Every backend fast path must agree with this module to a few ulps; it imports no
-array library and no backend.
+array library and no backend, and reads nothing back to the host (``jax.jit``,
+``torch.compile`` and lazy Dask arrays work).
 
-The p-norm of all leaves taken as one vector is computed per leaf as
-``m * (sum (|x| / m) ** p) ** (1 / p)`` with ``m`` the leaf's largest magnitude, and
-the leaves are combined with the largest ``m`` as the common scale. Every term is
-then at most 1, so no finite input overflows, whatever its dtype or ``p``
-(float16 squares, float32 values of 1e30 and bfloat16 all stay finite), and the sums
-run in float32 or float64 (the accumulation dtype) with the library's pairwise or
-blocked reductions. Inf and NaN propagate: a NaN anywhere gives NaN, else an inf
-gives inf.
-
-Nothing here reads a value back to the host, so it works under ``jax.jit``,
-``torch.compile`` and on lazy Dask arrays. Zero gradients give a zero norm whose
-derivative is finite (a "double where" keeps ``sqrt`` away from 0).
+The p-norm of all leaves as one vector is taken per leaf as ``m * (sum (|x| / m) **
+p) ** (1 / p)``, ``m`` the leaf's largest magnitude, and the leaves are combined with
+the largest ``m`` as the common scale: every term is at most 1, so no finite input
+overflows (float16 squares, float32 values of 1e30), and the sums run in float32 or
+float64. Inf and NaN propagate (NaN first). A zero norm has a finite derivative.
 """
 
 from __future__ import annotations

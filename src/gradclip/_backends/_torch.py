@@ -161,10 +161,8 @@ _WIDE = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 
 def _wide_norm(t: TorchPath) -> Any:
-    """The 2-norm of float16/bfloat16/float32 leaves on a device: each group's leaf
-    norms from one foreach launch accumulating in float64 (squares of finite float32
-    values neither overflow nor underflow there), their float64 norm rounded once to
-    the accumulation dtype. Nothing is read back to the host."""
+    """The 2-norm of 16/32-bit float leaves on a device: each group's leaf norms in
+    float64 from one foreach launch, their norm rounded once. No host read."""
     groups = t.groups
     norms: list[torch.Tensor] = []
     for idx in groups.values():
@@ -180,11 +178,8 @@ def _np_dtype(acc: Any) -> Any:
 
 
 def _host_norm(t: TorchPath, p: float) -> Any:
-    """The norm of plain CPU tensors, three ways by size and layout, added in float64
-    and checked on the host: the small ones concatenated in batches into a buffer,
-    the large contiguous ones as rows of ``BLOCK`` elements (one ``vector_norm`` per
-    tensor or buffer of widened 16-bit values), the strided ones by NumPy's blocked
-    sum over views of their memory (:mod:`._host`)."""
+    """The norm of plain CPU tensors, added in float64 and checked on the host: the C
+    kernels, rows of large tensors, batches of small ones, strided ones on NumPy views."""
     acc = t.tree.acc_dtype
     np_acc = _np_dtype(acc)
     if math.isinf(p):
@@ -226,13 +221,9 @@ def _host_norm(t: TorchPath, p: float) -> Any:
 def _widened_mul_(
     xs: list[torch.Tensor], s: torch.Tensor, nbuf: int, sizes: Sequence[int]
 ) -> None:
-    """``x *= s`` for 16-bit CPU tensors (``sizes``: their numbers of elements), ``s``
-    a float32 0-d tensor (torch's 16-bit kernel widens each element, multiplies by
-    ``s`` in float32 and rounds once). When ``xs`` hold ``WIDE_MIN_BYTES`` or more, the
-    large contiguous ones go piece by piece through a float32 buffer of ``nbuf``
-    elements instead (widen, multiply, round back: the same result, bit for bit, and
-    faster than torch's 16-bit kernel on memory out of the cache); the others, and all
-    of them below that size, with ``torch._foreach_mul_``."""
+    """``x *= s`` for 16-bit CPU tensors, ``s`` a float32 0-d tensor: torch's own
+    result (the float32 product rounded once). Past ``WIDE_MIN_BYTES`` in all, large
+    contiguous tensors go through a float32 buffer of ``nbuf`` elements instead."""
     large = []
     if sum(sizes) * 2 >= WIDE_MIN_BYTES:  # (smaller: likely in the cache)
         large = [i for i, n in enumerate(sizes) if n >= nbuf // 4 and xs[i].is_contiguous()]
@@ -260,11 +251,9 @@ def _native_groups(xs: Sequence[torch.Tensor]) -> tuple[dict[Any, Sequence[Any]]
 
 
 def _native_wanted(t: TorchPath, acc: Any, dtypes: Any, sizes: Sequence[int]) -> bool:
-    """Whether tensors of ``dtypes`` (``sizes`` elements) go to the C kernels, in a
-    float32 accumulation (or scale: the kernels' float32 lanes): bfloat16 ones always,
-    float32 ones unless all are small (then torch's concatenated path is faster, and
-    it runs no pool thread). Small and large ones together all go: a torch op on the
-    small ones would leave torch's OpenMP workers spinning beside the pool's threads."""
+    """Whether tensors of ``dtypes`` go to the C kernels (float32 lanes): bfloat16 ones
+    always, float32 ones unless all are small; small and large ones together all go (a
+    torch op beside the pool would leave torch's OpenMP workers spinning)."""
     if _native.lib is None or acc != torch.float32 or not dtypes & _NATIVE.keys():
         return False
     return torch.bfloat16 in dtypes or max(sizes) > t.cat_size // 4
@@ -285,12 +274,9 @@ def _run_native(xs: Sequence[torch.Tensor], kernel: Callable, *args: Any) -> lis
 
 
 def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
-    """The sum of squares of contiguous tensors, each viewed as rows of ``BLOCK``
-    elements (plus a shorter tail) whose norms torch takes in one call: a blocked
-    sum, as accurate as NumPy's dots per chunk and as fast as one flat reduction
-    (torch's own threads; no NumPy threads beside them). 16-bit tensors are widened
-    piece by piece into a float32 buffer of ``nbuf`` elements (a multiple of
-    ``BLOCK``) first."""
+    """The sum of squares of contiguous tensors as rows of ``BLOCK`` elements, one
+    torch call per tensor (16-bit ones widened piece by piece into a float32 buffer of
+    ``nbuf`` elements, a multiple of ``BLOCK``)."""
     norms: list[torch.Tensor] = []
     buf = rows = None
     for x in xs:
@@ -335,10 +321,8 @@ def _concatenated_sum(
     one_dtype: bool,
     sizes: Sequence[int] | None = None,
 ) -> float:
-    """The sum of squares of small CPU tensors, in batches concatenated into a buffer
-    of their dtype (``torch.cat``: one copy per tensor, in C++), each batch's norm
-    accumulated in ``acc``: one call per batch instead of one per tensor.
-    ``sizes``: the tensors' numbers of elements, when known."""
+    """The sum of squares of small CPU tensors, concatenated in batches into a buffer
+    of ``nbuf`` elements (one call per batch, not per tensor), in ``acc``."""
     total = 0.0
     norms: list[torch.Tensor] = []
     for idx in _groups(xs, one_dtype).values() if xs else ():
