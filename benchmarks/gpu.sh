@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one call on a lent GPU machine (see docs/benchmarks.md): the test
+# The GPU checks, in one call on a CUDA machine (see benchmarks/README.md): the test
 # suite's GPU cases (CuPy kernels, torch on CUDA, JAX on the GPU) against the core,
 # then the benchmark's GPU cases. Run from the repository root, with the wheels that
 # machine lacks in .whl/ (array-api-compat, array-api-strict). Writes to $OUT (or

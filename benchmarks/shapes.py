@@ -1,4 +1,4 @@
-"""The three shape sets of the benchmark (see /work/shared/ANCHORS.md).
+"""The three shape sets of the benchmark (see benchmarks/README.md).
 
 Written out in code so that no model library is needed: GPT-2 small as in Hugging
 Face's ``GPT2LMHeadModel`` (tied embeddings counted once), ResNet-50 in torchvision's

@@ -1,7 +1,9 @@
 """The documentation: the site builds, every page's code runs, every docstring example holds.
 
 - ``mkdocs build --strict`` (warnings are errors: broken links, pages missing from the
-  nav, API reference entries that do not resolve) into a temporary folder;
+  nav, API reference entries that do not resolve, docstrings griffe cannot parse) into
+  a temporary folder; the test fails on any line of its output that says WARNING, and
+  on a code fence rendered as text;
 - every ```python block of every ``docs/**/*.md`` page and of README.md runs, in order,
   one namespace per page, in a fresh interpreter (so a page sees what a user sees:
   JAX's default float32, no state left by other tests); ```python notest blocks are
@@ -122,8 +124,17 @@ def test_site_builds_strict(tmp_path):
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
     site = tmp_path / "site"
     config = ROOT / "mkdocs.yml"
-    proc = _python("-m", "mkdocs", "build", "--strict", "-q", "-f", config, "-d", site)
-    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
+    # not -q: that hides the warnings; any warning fails here, whatever mkdocs' exit code
+    proc = _python("-m", "mkdocs", "build", "--strict", "-f", config, "-d", site)
+    log = f"{proc.stdout}\n{proc.stderr}"
+    warnings = [line for line in log.splitlines() if "WARNING" in line]
+    assert proc.returncode == 0 and not warnings, (
+        f"mkdocs build --strict: exit code {proc.returncode}, "
+        f"{len(warnings)} warning(s):\n" + "\n".join(warnings or [log[-6000:]])
+    )
+    # a fence Markdown did not recognise comes out as text with its backticks
+    unrendered = [_rel(p) for p in sorted(site.rglob("*.html")) if "```" in p.read_text("utf-8")]
+    assert not unrendered, f"code fences rendered as text in {unrendered}"
     api = (site / "api.html").read_text(encoding="utf-8")
     for name in ("global_norm", "clip_by_global_norm_", "clip_by_norm", "clip_by_value"):
         assert f'id="gradclip.{name}"' in api, f"the API reference lacks gradclip.{name}"
