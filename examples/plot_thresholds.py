@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
         ("AutoClip(quantile=0.9)", thresholds(gc.AutoClip(quantile=0.9), norms)[0], None),
         ("ZClip(max_norm=None)", zclip_thr, zclip_boundary(zclip, zclip_states)),
         (
-            "QuantileClip(0.1, target_quantile=0.9)",
+            "QuantileClip(initial_max_norm=0.1, target_quantile=0.9)",
             thresholds(gc.QuantileClip(initial_max_norm=0.1, target_quantile=0.9), norms)[0],
             None,
         ),

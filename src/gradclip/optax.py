@@ -127,16 +127,18 @@ def clip_by_global_norm(
         which leaves are replicated, as in :func:`gradclip.global_norm`: every device
         then clips by the norm of the whole model.
 
-    ``ord`` and ``eps`` must be Python numbers; ``max_norm`` may be an array, so
-    ``optax.inject_hyperparams(clip_by_global_norm, static_args=("ord", "eps"))``
-    makes it a hyperparameter that can change from step to step.
-
     Returns
     -------
     optax.GradientTransformation
         Stateless for a number; for a clipper, its state is a
         :class:`ClipByGlobalNormState` with the clipper's state and the last norm,
         threshold and clipped flag.
+
+    Notes
+    -----
+    ``ord`` and ``eps`` must be Python numbers; ``max_norm`` may be an array, so
+    ``optax.inject_hyperparams(clip_by_global_norm, static_args=("ord", "eps"))``
+    makes it a hyperparameter that can change from step to step.
 
     Examples
     --------
@@ -248,7 +250,8 @@ def clip_by_block_rms(threshold: Any) -> optax.GradientTransformation:
     --------
     >>> import numpy as np, jax.numpy as jnp, gradclip.optax as gco
     >>> tx = gco.clip_by_block_rms(1.0)
-    >>> print(np.asarray(tx.update(jnp.array([3.0, 4.0]), tx.init(None))[0], dtype=float).round(4))
+    >>> updates, _ = tx.update(jnp.array([3.0, 4.0]), tx.init(None))
+    >>> print(np.asarray(updates, dtype=float).round(4))
     [0.8485 1.1314]
     """
     threshold = _checks.check_nonneg(threshold, "threshold")
