@@ -1,9 +1,13 @@
-"""Shared fixtures: one ``Backend`` per array library, and float64 references.
+"""Shared fixtures: one ``Backend`` per array library, float64 references, and the
+assertions the tests share.
 
 Every backend test runs on array-api-strict (the bare standard), NumPy, PyTorch
 (CPU), JAX (with float64 enabled: on the GPU where jaxlib has one), Dask and, where a
 CUDA device exists, CuPy and PyTorch on CUDA (``torch_cuda``).
 A backend that cannot run here is *skipped* with the reason, never counted as passed.
+The fast paths of ``gradclip._backends`` (``fast_backend``) are checked against the
+reference (``fast_and_reference``): values to a few ulps (``assert_ulps``), arrays
+element by element (``assert_close``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import pytest
 
 import gradclip as gc
+from gradclip import _backends  # fast_paths(False): the reference every fast path matches
 
 try:
     import jax
@@ -34,7 +39,11 @@ LIBRARY_CLIPPERS = {
 }
 
 ALL_BACKENDS = ["array_api_strict", "numpy", "torch", "jax", "dask", "cupy", "torch_cuda"]
+FAST_BACKENDS = ["numpy", "torch", "jax", "cupy", "torch_cuda"]  # those with a fast path
 FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
+ULPS = 4  # a few units in the last place: how far a fast path may be from the reference
+# the spacing of each dtype's numbers at 1 (a unit in the last place of 1.0)
+EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 
 
 @dataclass
@@ -151,6 +160,12 @@ def writable_backend(request: pytest.FixtureRequest) -> Backend:
     return make_backend(request.param)
 
 
+@pytest.fixture(params=FAST_BACKENDS)
+def fast_backend(request: pytest.FixtureRequest) -> Backend:
+    """The libraries with a fast path in ``gradclip._backends``."""
+    return make_backend(request.param)
+
+
 def cuda_graph(step: Any) -> tuple[Any, Any]:
     """``(graph, result)``: ``step()`` captured in a torch CUDA graph, after the
     warm-up call on a side stream that capture needs (torch's documented recipe)."""
@@ -188,3 +203,84 @@ def ref_clip(arrays: list[np.ndarray], max_norm: float, p: float, eps: float = 0
     n = ref_norm(arrays, p)
     scale = 1.0 if n + eps <= max_norm else max_norm / (n + eps)
     return [np.asarray(a, dtype=np.float64) * scale for a in arrays], n
+
+
+def random_tree(backend: Backend, dtypes: list[str], rng: Any, big: bool = False) -> dict:
+    """A dict of leaves of several shapes (0-d, empty, non-contiguous, > one chunk
+    with ``big``), their dtypes taken from ``dtypes`` in turn (those ``backend`` has)."""
+    shapes = [(), (0,), (7,), (33, 65), (3, 4, 5)] + ([(150_000,)] if big else [])
+    tree = {}
+    for i, shape in enumerate(shapes):
+        dt = dtypes[i % len(dtypes)]
+        if dt not in backend.dtypes:
+            continue
+        a = rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4)
+        tree[f"w{i}"] = backend.asarray(a, dt)
+    t = backend.asarray(rng.standard_normal((40, 30)), dtypes[0])
+    if backend.name in ("numpy", "torch", "jax", "cupy"):
+        tree["t"] = t.T if backend.name != "torch" else t.t()  # non-contiguous
+    return tree
+
+
+# -- the fast paths against the reference -------------------------------------------------
+
+
+def fast_and_reference(call: Any) -> tuple[Any, Any]:
+    """``(call(), call())``: on the fast paths, then on the reference
+    (``gradclip._backends.fast_paths(False)``)."""
+    fast = call()
+    with _backends.fast_paths(False):
+        return fast, call()
+
+
+def clip_fast_and_reference(make: Any, inplace: bool, **options: Any) -> tuple:
+    """``(clipped, norm, reference clipped, reference norm)``: two trees ``make()``
+    clipped to norm 1 (in place or not), on the fast paths and on the reference."""
+    a, b = make(), make()
+    clip = gc.clip_by_global_norm_ if inplace else gc.clip_by_global_norm
+    n1 = clip(a, 1.0, **options)
+    with _backends.fast_paths(False):
+        n2 = clip(b, 1.0, **options)
+    if not inplace:
+        (a, n1), (b, n2) = n1, n2
+    return a, n1, b, n2
+
+
+# -- assertions, for any backend ----------------------------------------------------------
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"float32"`` for ``torch.float32``, ``jnp.float32``, ``np.dtype("float32")``, ..."""
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def ulp(dtype: Any) -> float:
+    """The spacing of ``dtype``'s numbers at 1 (float32: 2**-23)."""
+    return EPS[dtype_name(dtype)]
+
+
+def to_float(backend: Backend, x: Any) -> float:
+    """A 0-d array of ``backend`` as a Python float."""
+    return float(backend.to_numpy(x))
+
+
+def same_value(got: float, want: float) -> bool:
+    """``got == want``, NaN equal to NaN."""
+    return (math.isnan(got) and math.isnan(want)) or got == want
+
+
+def assert_ulps(got: float, want: float, dtype: Any, ulps: float = ULPS) -> None:
+    """``got`` within ``ulps`` units in the last place of ``dtype`` of ``want``
+    (relative: ``ulps * ulp(dtype)``, no absolute slack); inf and NaN exactly."""
+    if math.isfinite(want):
+        assert got == pytest.approx(want, rel=ulps * ulp(dtype), abs=0), (got, want)
+    else:
+        assert same_value(got, want), (got, want)
+
+
+def assert_close(backend: Backend, got: Any, want: Any, *, rtol: float, atol: float = 0.0):
+    """The array ``got`` of ``backend`` equals ``want`` (values, or an array of
+    ``backend``) element by element, in float64: ``np.testing.assert_allclose``."""
+    if backend.is_native(want):
+        want = backend.to_numpy(want)
+    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=rtol, atol=atol)
