@@ -278,9 +278,12 @@ def assert_ulps(got: float, want: float, dtype: Any, ulps: float = ULPS) -> None
         assert same_value(got, want), (got, want)
 
 
-def assert_close(backend: Backend, got: Any, want: Any, *, rtol: float, atol: float = 0.0):
+def assert_close(
+    backend: Backend, got: Any, want: Any, *, rtol: float, atol: float = 0.0, err_msg: str = ""
+) -> None:
     """The array ``got`` of ``backend`` equals ``want`` (values, or an array of
-    ``backend``) element by element, in float64: ``np.testing.assert_allclose``."""
+    ``backend``) element by element, read in float64: ``np.testing.assert_allclose``
+    with the same ``rtol`` and ``atol`` (NaN equal to NaN)."""
     if backend.is_native(want):
         want = backend.to_numpy(want)
-    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=rtol, atol=atol, err_msg=err_msg)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_close
 
 import gradclip as gc
 
@@ -53,11 +54,11 @@ def test_equals_optax_on_every_backend(backend, c):
     arrays = {k: backend.asarray(v) for k, v in tree.items()}
     got, norms, num = backend.call(gc.per_example_clip, arrays, c)
     assert int(backend.to_numpy(num)) == want_num
-    np.testing.assert_allclose(backend.to_numpy(norms), _ref_norms(tree), rtol=1e-13)
+    assert_close(backend, norms, _ref_norms(tree), rtol=1e-13)
     for k in tree:
         assert backend.is_native(got[k])
         assert got[k].shape == tree[k].shape[1:]
-        np.testing.assert_allclose(backend.to_numpy(got[k]), want[k], rtol=1e-12, atol=1e-15)
+        assert_close(backend, got[k], want[k], rtol=1e-12, atol=1e-15)
     assert np.isfinite(backend.to_numpy(got["w"])).all()  # the all-zero example: no NaN
 
 
@@ -94,8 +95,8 @@ def test_reduce_mean_and_none(backend):
     mean, _, _ = backend.call(gc.per_example_clip, arrays, 0.8, reduce="mean")
     for k, v in tree.items():
         ref = v * factor.reshape((BATCH,) + (1,) * (v.ndim - 1))
-        np.testing.assert_allclose(backend.to_numpy(each[k]), ref, rtol=1e-12)
-        np.testing.assert_allclose(backend.to_numpy(mean[k]), ref.mean(axis=0), rtol=1e-12)
+        assert_close(backend, each[k], ref, rtol=1e-12)
+        assert_close(backend, mean[k], ref.mean(axis=0), rtol=1e-12)
         assert np.linalg.norm(ref.reshape(BATCH, -1), axis=1).max() <= 0.8 * (1 + 1e-12)
 
 
@@ -110,7 +111,7 @@ def test_low_precision_norms_do_not_overflow(backend):
     np.testing.assert_allclose(n, [300 * math.sqrt(1000), 0, 300 * math.sqrt(1000)], rtol=1e-6)
     assert str(got.dtype).endswith("float16")
     want = 2 * 300.0 / n[0]  # two clipped examples of 1000 equal entries, norm 1 each
-    np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-3)
+    assert_close(backend, got, want, rtol=1e-3)
     assert int(backend.to_numpy(num)) == 2
 
 
