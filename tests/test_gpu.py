@@ -2,9 +2,10 @@
 
 Skipped, with the reason, on machines without a CUDA device (CI); run on a GPU
 machine with ``bash benchmarks/gpu.sh tests``. The backend-parametrised suites
-(test_fast_paths.py, test_clipping.py, ...) also run on ``cupy`` and ``torch_cuda``
-there; these tests add what only a GPU shows: the kernels' blocks and tables, many
-leaves of mixed dtypes, the memory of an in-place call, and CUDA graph capture.
+(backends/test_fast_common.py, test_clipping.py, ...) also run on ``cupy`` and
+``torch_cuda`` there; these tests add what only a GPU shows: the kernels' blocks and
+tables, many leaves of mixed dtypes, the memory of an in-place call, and CUDA graph
+capture. What the backends do without a GPU is tested in tests/backends/.
 """
 
 from __future__ import annotations
@@ -13,21 +14,28 @@ import math
 
 import numpy as np
 import pytest
-from conftest import cuda_graph, make_backend, ref_norm
+from conftest import (
+    assert_close,
+    assert_ulps,
+    cuda_graph,
+    fast_and_reference,
+    make_backend,
+    ref_norm,
+    same_value,
+    to_float,
+    ulp,
+)
 
 import gradclip as gc
 from gradclip import _backends
 
-ULPS = 4
-F32 = 2.0**-23
-
 
 def _cupy():
-    return make_backend("cupy").mod  # (skips where no CUDA device is)
+    return make_backend("cupy")  # (skips where no CUDA device is)
 
 
 def _torch_cuda():
-    return make_backend("torch_cuda").mod
+    return make_backend("torch_cuda")
 
 
 def _host_trees(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
@@ -44,22 +52,18 @@ def _host_trees(rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
     }
 
 
-def _leaf_eps(dt: str) -> float:
-    return {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float64": 2.0**-52}.get(dt, F32)
-
-
-def _check(to_numpy, fast_tree, core_tree, stored, dt, max_norm):
+def _check(backend, fast_tree, core_tree, stored, dt, max_norm):
     """The fast in-place clip == the core's, and its norm == the float64 reference of
     the values as ``stored`` (a few ulps of the accumulation dtype)."""
     n_fast = gc.clip_by_global_norm_(fast_tree, max_norm, eps=1e-6)
     with _backends.fast_paths(False):
         n_core = gc.clip_by_global_norm_(core_tree, max_norm, eps=1e-6)
-    f, c = float(to_numpy(n_fast)), float(to_numpy(n_core))
-    rel = ULPS * (2.0**-52 if dt == "float64" else F32)
-    assert f == pytest.approx(c, rel=rel, abs=0), (f, c)
-    assert f == pytest.approx(ref_norm(stored, 2), rel=rel, abs=0)
+    f, c = to_float(backend, n_fast), to_float(backend, n_core)
+    acc = "float64" if dt == "float64" else "float32"
+    assert_ulps(f, c, acc)
+    assert_ulps(f, ref_norm(stored, 2), acc)
     for x, y in zip(fast_tree, core_tree):
-        np.testing.assert_allclose(to_numpy(x), to_numpy(y), rtol=2 * _leaf_eps(dt), atol=1e-38)
+        assert_close(backend, x, y, rtol=2 * ulp(dt), atol=1e-38)
 
 
 # -- CuPy ----------------------------------------------------------------------------------
@@ -68,35 +72,34 @@ def _check(to_numpy, fast_tree, core_tree, stored, dt, max_norm):
 @pytest.mark.parametrize("dt", ["float32", "float16", "float64"])
 @pytest.mark.parametrize("case", list(_host_trees(np.random.default_rng(0))))
 def test_cupy_kernels_match_core(dt, case):
-    cp = _cupy()
+    b = _cupy()
+    cp = b.mod
     host = _host_trees(np.random.default_rng(1))[case]
     if dt == "float16" and case in ("1e30", "1e-30"):
         pytest.skip("not representable in float16")
     host = [h.astype(dt).astype(np.float64) for h in host]  # the values as stored
     fast = [cp.asarray(h, dtype=dt) for h in host]
     core = [cp.asarray(h, dtype=dt) for h in host]
-    _check(cp.asnumpy, fast, core, host, dt, max_norm=0.5)
+    _check(b, fast, core, host, dt, max_norm=0.5)
 
 
 @pytest.mark.parametrize("p", [2, math.inf])
 def test_cupy_mixed_dtypes_and_nonfinite(p):
-    cp = _cupy()
+    cp = _cupy().mod
     rng = np.random.default_rng(2)
     tree = [cp.asarray(rng.standard_normal(n), dtype=dt)
             for n, dt in ((50_000, "float32"), (7, "float16"), (9000, "float64"))]  # fmt: skip
-    with _backends.fast_paths(False):
-        want = float(gc.global_norm(tree, ord=p))
-    assert float(gc.global_norm(tree, ord=p)) == pytest.approx(want, rel=1e-15)
+    got, want = (float(n) for n in fast_and_reference(lambda: gc.global_norm(tree, ord=p)))
+    assert got == pytest.approx(want, rel=1e-15)
     for bad, expect in ((np.inf, math.inf), (np.nan, math.nan)):
         t = [*tree, cp.asarray([1.0, bad], dtype="float32")]
-        got = float(gc.global_norm(t, ord=p))
-        assert (math.isnan(got) and math.isnan(expect)) or got == expect
+        assert same_value(float(gc.global_norm(t, ord=p)), expect)
 
 
 def test_cupy_tables_follow_the_pointers():
     """The cached tables are keyed by pointers and sizes: new arrays at new addresses,
     and new values at the same addresses, are both clipped right."""
-    cp = _cupy()
+    cp = _cupy().mod
     rng = np.random.default_rng(3)
     for _ in range(3):
         host = [rng.standard_normal(n) for n in (10_000, 5, 300)]
@@ -106,14 +109,14 @@ def test_cupy_tables_follow_the_pointers():
                 x *= scale
             n = float(gc.global_norm(tree))
             want = ref_norm([cp.asnumpy(x) for x in tree], 2)
-            assert n == pytest.approx(want, rel=ULPS * F32)
+            assert_ulps(n, want, "float32")
 
 
 def test_cupy_non_contiguous_runs_the_core():
-    cp = _cupy()
+    cp = _cupy().mod
     x = cp.asarray(np.random.default_rng(4).standard_normal((300, 200)), dtype="float32").T
     want = ref_norm([cp.asnumpy(x)], 2)
-    assert float(gc.clip_by_global_norm_([x], 1.0)) == pytest.approx(want, rel=ULPS * F32)
+    assert_ulps(float(gc.clip_by_global_norm_([x], 1.0)), want, "float32")
     assert float(cp.linalg.norm(x)) == pytest.approx(1.0, rel=1e-5)
 
 
@@ -123,7 +126,8 @@ def test_cupy_non_contiguous_runs_the_core():
 @pytest.mark.parametrize("dt", ["float32", "bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("case", list(_host_trees(np.random.default_rng(0))))
 def test_torch_cuda_matches_core(dt, case):
-    torch = _torch_cuda()
+    b = _torch_cuda()
+    torch = b.mod
     if dt == "float16" and case in ("1e30", "1e-30"):
         pytest.skip("not representable in float16")
     host = _host_trees(np.random.default_rng(1))[case]
@@ -133,13 +137,13 @@ def test_torch_cuda_matches_core(dt, case):
 
     fast, core = make(), make()
     stored = [x.double().cpu().numpy() for x in fast]
-    _check(lambda x: x.detach().double().cpu().numpy(), fast, core, stored, dt, max_norm=0.5)
+    _check(b, fast, core, stored, dt, max_norm=0.5)
 
 
 def test_torch_cuda_in_place_allocates_no_full_size_temporary():
     """One float32 and one bfloat16 group of GPT-2-like sizes: the call's peak extra
     CUDA memory is under 1 % of the gradients' bytes."""
-    torch = _torch_cuda()
+    torch = _torch_cuda().mod
     g = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(n, device="cuda", generator=g) for n in (4_000_000, 768, 2_359_296)]
     grads += [torch.randn(1_000_000, device="cuda", generator=g).bfloat16() for _ in range(3)]
@@ -156,7 +160,7 @@ def test_torch_cuda_in_place_allocates_no_full_size_temporary():
 def test_torch_cuda_multiply_is_torchs_own():
     """The scaling is torch's ``_foreach_mul_`` by the float32 scale: bit for bit what
     ``torch.nn.utils.clip_grad_norm_`` does with the same scale."""
-    torch = _torch_cuda()
+    torch = _torch_cuda().mod
     g = torch.Generator(device="cuda").manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         xs = [torch.randn(n, device="cuda", generator=g).to(dtype) for n in (70_000, 3, 512)]
@@ -172,7 +176,7 @@ def test_torch_cuda_multiply_is_torchs_own():
 def test_torch_cuda_graph_replays_the_fast_path(mixed):
     """Captured with a Python ``max_norm`` (a CPU scalar in the scale's kernels), one
     dtype (one group, without torch's grouping) or two (two groups)."""
-    torch = _torch_cuda()
+    torch = _torch_cuda().mod
     grads = [torch.zeros(100_000, device="cuda"), torch.zeros(300, device="cuda")]
     if mixed:
         grads[1] = grads[1].bfloat16()
@@ -185,7 +189,7 @@ def test_torch_cuda_graph_replays_the_fast_path(mixed):
         want = ref_norm([h.double().numpy() for h in host], 2)
         graph.replay()
         torch.cuda.synchronize()
-        assert float(norm) == pytest.approx(want, rel=ULPS * F32)
+        assert_ulps(float(norm), want, "float32")
         assert float(gc.global_norm(grads)) == pytest.approx(1.0, rel=1e-2)
 
 
@@ -206,9 +210,9 @@ def test_jax_gpu_jit_matches_optax_and_the_reference(dt):
     stored = [np.asarray(x, dtype=np.float64) for x in tree]
     out, norm = jax.jit(lambda g: gc.clip_by_global_norm(g, 1.0))(tree)
     assert next(iter(norm.devices())).platform == "gpu"
-    assert float(norm) == pytest.approx(ref_norm(stored, 2), rel=ULPS * F32)
+    assert_ulps(float(norm), ref_norm(stored, 2), "float32")
     want = optax.clip_by_global_norm(1.0).update(tree, None)[0]
-    tol = _leaf_eps(dt) * 2 + (0.01 if dt == "bfloat16" else 0)  # optax sums in bfloat16
+    tol = ulp(dt) * 2 + (0.01 if dt == "bfloat16" else 0)  # optax sums in bfloat16
     for a, b in zip(out, want):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
                                    rtol=tol, atol=1e-6)  # fmt: skip
