@@ -88,13 +88,14 @@ def profile_jax(name: str, dtype: str) -> None:
     import jax.numpy as jnp
     import optax
 
-    from gradclip import _fast_jax, _tree
+    from gradclip import _tree
+    from gradclip._backends import _jax
 
     g = [jnp.asarray(torch.randn(s).numpy()).astype(dtype) for s in shapes.SETS[name]()]
 
     def variadic(parts):
-        acc = _fast_jax._acc(parts)
-        _, ks = _fast_jax._LADDER[acc]
+        acc = _jax._acc(parts)
+        _, ks = _jax._LADDER[acc]
         zero = jnp.zeros((), acc)
 
         def one(x):
@@ -104,15 +105,15 @@ def profile_jax(name: str, dtype: str) -> None:
                 ops, (zero,) * len(ks), lambda a, b: tuple(u + v for u, v in zip(a, b)), (0,)
             )
 
-        return _fast_jax.ladder_root([sum(t) for t in zip(*map(one, parts))], acc)
+        return _jax.ladder_root([sum(t) for t in zip(*map(one, parts))], acc)
 
     def on_parts(fn):
-        return jax.jit(lambda g: fn(_fast_jax.parts(_tree.flatten(g))))
+        return jax.jit(lambda g: fn(_jax.parts(_tree.flatten(g))))
 
     clip = optax.clip_by_global_norm(1.0)
     rows = {
         "gradclip global_norm (ladder)": jax.jit(gc.global_norm),
-        "guarded_norm (lax.cond)": on_parts(_fast_jax.guarded_norm),
+        "guarded_norm (lax.cond)": on_parts(_jax.guarded_norm),
         "ladder, one variadic reduce per part": on_parts(variadic),
         "plain sum of squares": jax.jit(
             lambda g: jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in g))
