@@ -18,7 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several test processes share the GPU
-# the optional C kernels, in place (what `pip install -e .` builds; tests/test_native.py)
+# the optional C kernels, in place (what `pip install -e .` builds; tests/backends/test_native.py)
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "C kernels not built"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 python3 - <<'EOF'
@@ -29,10 +29,10 @@ EOF
 rc=0
 if [[ $what == tests || $what == all ]]; then
     python3 -m pytest -q -p no:cacheprovider -n 8 --maxfail=40 --timeout 300 \
-        tests/test_gpu.py tests/test_fast_paths.py tests/test_clipping.py tests/test_norms.py \
+        tests/test_gpu.py tests/backends tests/test_clipping.py tests/test_norms.py \
         tests/test_numpy_inplace.py tests/test_torch.py tests/test_optax.py \
-        tests/test_jax_transforms.py tests/test_adaptive.py tests/test_per_example.py \
-        tests/test_stateful.py tests/test_parity.py tests/test_properties.py \
+        tests/test_jax_transforms.py tests/test_unitwise.py tests/test_per_example.py \
+        tests/test_clippers.py tests/test_parity.py tests/test_properties.py \
         -k "not opacus" 2>&1 | tee "$OUT/tests.log" | tail -40
     rc=${PIPESTATUS[0]}
 fi
