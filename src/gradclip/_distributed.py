@@ -265,7 +265,7 @@ def _markers(tree: _tree.Tree, spec: Any, option: str) -> list[Any]:
     if callable(spec) and not _is_marker_leaf(spec):
         return [spec(path) for path in tree.paths]
     given: dict[str, Any] = {}
-    _marker_leaves(spec, "grads", given)  # the root name of _tree.flatten's paths
+    _marker_leaves(spec, "grads", given, set(tree.paths))  # _tree.flatten's root name
     out = []
     for path in tree.paths:
         hit = [k for k in given if path.startswith(k) and path[len(k) : len(k) + 1] in "[."]
@@ -286,16 +286,17 @@ def _is_marker_leaf(node: Any) -> bool:
     return sharding is not None and isinstance(node, sharding.PartitionSpec)
 
 
-def _marker_leaves(node: Any, path: str, out: dict[str, Any]) -> None:
-    """``{path: marker}`` for a tree of markers, with the paths of :mod:`._tree`."""
-    if _is_marker_leaf(node):
+def _marker_leaves(node: Any, path: str, out: dict[str, Any], leaves: set[str]) -> None:
+    """``{path: marker}`` for a tree of markers, with the paths of :mod:`._tree`; where
+    the gradients hold an array, the node is its marker (a list of groups too)."""
+    if path in leaves or _is_marker_leaf(node):
         out[path] = node
     elif isinstance(node, dict):
         for k, v in node.items():
-            _marker_leaves(v, f"{path}[{k!r}]", out)
+            _marker_leaves(v, f"{path}[{k!r}]", out, leaves)
     elif isinstance(node, (list, tuple)):
         for i, v in enumerate(node):
-            _marker_leaves(v, f"{path}[{i}]", out)
+            _marker_leaves(v, f"{path}[{i}]", out, leaves)
     else:
         jax = sys.modules.get("jax")
         if jax is not None and node is not None and not isinstance(node, (bool, str)):
@@ -303,7 +304,7 @@ def _marker_leaves(node: Any, path: str, out: dict[str, Any]) -> None:
             keyed, treedef = tu.tree_flatten_with_path(node, is_leaf=lambda n: n is not node)
             if not tu.treedef_is_leaf(treedef):
                 for k, v in keyed:
-                    _marker_leaves(v, path + tu.keystr(k), out)
+                    _marker_leaves(v, path + tu.keystr(k), out, leaves)
                 return
         out[path] = node
 
@@ -344,10 +345,20 @@ def _distinct(dims: Sequence[_Dim]) -> list[_Dim]:
     return [d for d in uniq.values() if not any(d.members < e.members for e in uniq.values())]
 
 
-def _call_dims(named: Sequence[_Dim], fallback: Sequence[_Dim]) -> list[_Dim]:
-    """The call's dimensions: ``named`` made distinct (``fallback``, the replicated
-    groups, when it names none), checked to meet only in this rank."""
-    dims = _distinct(named) or _distinct(fallback)
+def _call_dims(
+    explicit: Sequence[_Dim] | None,
+    per_leaf: Sequence[tuple[list[_Dim], list[_Dim]]],
+    meshes: Sequence[_Dim] = (),
+) -> list[_Dim]:
+    """The call's dimensions, made distinct and checked to meet only in this rank:
+    ``process_group=``/``axis_name=`` (``explicit``), the DTensor meshes' and the
+    groups leaves are sharded over; also those they are replicated over unless
+    ``explicit`` names the call's dimensions (then a group of copies may lie across
+    them: a tied embedding on the first and the last pipeline stage)."""
+    named = [*(explicit or ()), *meshes]
+    for sharded, replicated in per_leaf:
+        named += sharded if explicit is not None else [*sharded, *replicated]
+    dims = _distinct(named)
     for i, a in enumerate(dims):
         for b in dims[:i]:
             both = a.members & b.members
@@ -414,15 +425,12 @@ def _jax_plan(tree: _tree.Tree, axis_name: Any, specs: list[_Spec]) -> _Plan | N
             kinds = "the axis name(s) or a PartitionSpec"
             raise _bad_marker(spec.option, path, raw, kinds) from None
 
-    explicit = [] if axis_name is None else dims_of(_axis_tuple(axis_name, "axis_name"))
+    explicit = None if axis_name is None else dims_of(_axis_tuple(axis_name, "axis_name"))
     per_leaf = [
         (of_marker(s.sharded, s, p), of_marker(s.replicated, s, p))
         for s, p in zip(specs, tree.paths)
     ]
-    dims = _call_dims(
-        [*explicit, *(d for sh, _ in per_leaf for d in sh)],
-        [d for _, rep in per_leaf for d in rep],
-    )
+    dims = _call_dims(explicit, per_leaf)
     if not dims:
         return None
     axes = tuple(d.handle for d in dims)
@@ -535,7 +543,7 @@ def _torch_plan(
 ) -> _Plan | None:
     dist = sys.modules["torch.distributed"]
     dims_of = _TorchDims(dist)
-    explicit = []
+    explicit = None
     if process_group is not None:
         explicit = dims_of(_groups(process_group, "process_group"))
         _check_grid(explicit)
@@ -558,10 +566,7 @@ def _torch_plan(
         leaves.append(x)
         per_leaf.append((sh, rep))
     all_mesh_dims = [d for ds in meshes.values() for d in ds]
-    dims = _call_dims(
-        [*explicit, *(d for sh, _ in per_leaf for d in sh), *all_mesh_dims],
-        [d for _, rep in per_leaf for d in rep],
-    )
+    dims = _call_dims(explicit, per_leaf, all_mesh_dims)
     span = math.prod(len(d.members) for d in dims)
     counted = []
     for x, orig, path, spec, (sh, rep) in zip(leaves, tree.leaves, tree.paths, specs, per_leaf):
