@@ -28,6 +28,7 @@ read back to the host: ranks are host integers (torch) or ``lax.axis_index`` (JA
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -265,7 +266,8 @@ def _markers(tree: _tree.Tree, spec: Any, option: str) -> list[Any]:
     if callable(spec) and not _is_marker_leaf(spec):
         return [spec(path) for path in tree.paths]
     given: dict[str, Any] = {}
-    _marker_leaves(spec, "grads", given, set(tree.paths))  # _tree.flatten's root name
+    root = re.split(r"[\[.]", tree.paths[0], maxsplit=1)[0]  # "grads", optax's "updates"
+    _marker_leaves(spec, root, given, set(tree.paths))
     out = []
     for path in tree.paths:
         hit = [k for k in given if path.startswith(k) and path[len(k) : len(k) + 1] in "[."]
