@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import traceback
 from typing import Any
 
 import numpy as np
+from _launch import record
 
 ORDS = (2.0, 1.0, math.inf)
 MAX_NORM = 1.0
@@ -101,10 +101,7 @@ def main() -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def case(name: str, fn: Any) -> None:
-        try:
-            out[name] = fn()
-        except Exception:
-            out[name] = {"error": traceback.format_exc()}
+        record(out, name, fn)
 
     def setup(name: str, scale: float = 1.0) -> tuple[Any, dict, dict, dict]:
         shape, axes, leaves = LAYOUTS[name]
@@ -117,46 +114,40 @@ def main() -> dict[str, Any]:
         }
         return mesh, specs, f, g
 
-    def per_device(mesh: Any, specs: dict, g: dict, fn: Any) -> tuple[list[float], list[str]]:
-        """``fn(grads)`` on every device of the mesh: each device's value, and the
-        collectives of the call."""
-        axes = mesh.axis_names
-
-        def body(g: Any) -> Any:
-            return jnp.reshape(fn(g), (1,) * len(axes))
-
-        mapped = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=P(*axes)))
-        values = np.asarray(mapped(g), dtype=np.float64).reshape(-1).tolist()
-        return values, _collectives(jax.make_jaxpr(mapped)(g).jaxpr)
+    def shard_mapped(mesh: Any, specs: dict, fn: Any, out_specs: Any) -> Any:
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=out_specs))
 
     def norms(name: str, scale: float = 1.0, **options: Any) -> dict[str, Any]:
+        """Every device's norm for each ord (one compilation), and the collectives
+        of one call for each ord (its jaxpr: traced, not compiled)."""
         mesh, specs, _, g = setup(name, scale)
+        axes = mesh.axis_names
+
+        def one(g: Any, p: float) -> Any:
+            return jnp.reshape(gc.global_norm(g, ord=p, **options), (1,) * len(axes))
+
+        every = shard_mapped(mesh, specs, lambda g: [one(g, p) for p in ORDS], [P(*axes)] * 3)
         res: dict[str, Any] = {"norms": {}, "collectives": {}}
-        for p in ORDS:
-            values, ops = per_device(
-                mesh, specs, g, lambda g, p=p: gc.global_norm(g, ord=p, **options)
-            )
-            res["norms"][str(p)] = values
-            res["collectives"][str(p)] = ops
+        for p, values in zip(ORDS, every(g)):
+            res["norms"][str(p)] = np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+            single = shard_mapped(mesh, specs, lambda g, p=p: one(g, p), P(*axes))
+            res["collectives"][str(p)] = _collectives(jax.make_jaxpr(single)(g).jaxpr)
         return res
 
-    def clip(name: str, p: float, **options: Any) -> dict[str, Any]:
+    def layout(name: str, **options: Any) -> dict[str, Any]:
+        """The norms, and the clips with ord 2 and 1 (one compilation)."""
+        res = norms(name, **options)
         mesh, specs, _, g = setup(name)
 
         def body(g: Any) -> Any:
-            return gc.clip_by_global_norm(g, MAX_NORM, ord=p, **options)
+            return [gc.clip_by_global_norm(g, MAX_NORM, ord=p, **options) for p in (2.0, 1.0)]
 
-        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=(specs, P())))
-        clipped, norm = f(g)
-        return {
-            "norm": float(norm),
-            "clipped": {k: np.asarray(v).tolist() for k, v in clipped.items()},
-        }
-
-    def layout(name: str, **options: Any) -> dict[str, Any]:
-        res = norms(name, **options)
-        res["clip"] = clip(name, 2.0, **options)
-        res["clip1"] = clip(name, 1.0, **options)
+        both = shard_mapped(mesh, specs, body, [(specs, P())] * 2)(g)
+        for key, (clipped, norm) in zip(("clip", "clip1"), both):
+            res[key] = {
+                "norm": float(norm),
+                "clipped": {k: np.asarray(v).tolist() for k, v in clipped.items()},
+            }
         return res
 
     def specs_of(name: str) -> dict[str, Any]:
@@ -174,8 +165,8 @@ def main() -> dict[str, Any]:
         return {
             "specs": layout("data_x_tensor", axis_name=axes, sharded=specs),
             "specs_alone": layout("data_x_tensor", sharded=specs),
-            "replicated": layout("data_x_tensor", axis_name=axes, replicated=reps),
-            "layout": layout("data_x_tensor", axis_name=axes, sharded=lays),
+            "replicated": norms("data_x_tensor", axis_name=axes, replicated=reps),
+            "layout": norms("data_x_tensor", axis_name=axes, sharded=lays),
             "unmarked": norms("data_x_tensor", axis_name=axes),
         }
 
@@ -196,9 +187,8 @@ def main() -> dict[str, Any]:
         res = {}
         for name in LAYOUTS:
             _, _, _, g = setup(name)
-            got = {
-                str(p): float(jax.jit(lambda g, p=p: gc.global_norm(g, ord=p))(g)) for p in ORDS
-            }
+            every = jax.jit(lambda g: [gc.global_norm(g, ord=p) for p in ORDS])(g)
+            got = {str(p): float(v) for p, v in zip(ORDS, every)}
             clipped, norm = jax.jit(lambda g: gc.clip_by_global_norm(g, MAX_NORM))(g)
             kept = all(clipped[k].sharding.is_equivalent_to(g[k].sharding, g[k].ndim) for k in g)
             res[name] = {
@@ -242,15 +232,11 @@ def main() -> dict[str, Any]:
             "sharded": {"sharded": {"w": "i", "ln": None}},
             "axis_and_sharded": {"axis_name": "i", "sharded": {"w": True, "ln": False}},
         }.items():
-            res[label] = {
-                str(p): np.asarray(
-                    jax.pmap(
-                        lambda g, p=p, opts=opts: gc.global_norm(g, ord=p, **opts),
-                        axis_name="i",
-                    )(g)
-                ).tolist()
-                for p in ORDS
-            }
+            every = jax.pmap(
+                lambda g, opts=opts: [gc.global_norm(g, ord=p, **opts) for p in ORDS],
+                axis_name="i",
+            )(g)
+            res[label] = {str(p): np.asarray(v).tolist() for p, v in zip(ORDS, every)}
         return res
 
     def nonfinite() -> Any:

@@ -13,13 +13,10 @@ here is a pytest test.
 from __future__ import annotations
 
 import math
-import os
-import pickle
-import traceback
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
+from _launch import gloo_rank, record
 
 ORDS = (2.0, 1.0, math.inf)
 MAX_NORM = 1.0
@@ -143,10 +140,7 @@ def run_cases(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def case(name: str, fn: Any) -> None:
-        try:
-            out[name] = fn()
-        except Exception:
-            out[name] = {"error": traceback.format_exc()}
+        record(out, name, fn)
 
     def t(a: np.ndarray) -> Any:
         return torch.from_numpy(a.copy())
@@ -527,20 +521,4 @@ def stage_input(torch: Any, model: Any, stage: int) -> Any:
 
 def worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
     """``torch.multiprocessing`` target: run every case, pickle the results."""
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=init_method,
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        results = run_cases(rank)
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
-        pickle.dump(results, fh)
+    gloo_rank(rank, world, init_method, out_dir, run_cases)

@@ -12,14 +12,11 @@ own single-process norm within 1e-6, and the clip as the full model's scale.
 from __future__ import annotations
 
 import math
-import multiprocessing
-import pickle
-import socket
-import time
 from typing import Any
 
 import numpy as np
 import pytest
+from _launch import run_ranks
 from conftest import ref_norm
 
 torch = pytest.importorskip("torch")
@@ -37,41 +34,12 @@ RTOL = 1e-6
 ULPS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The results of ranks 0..3: every case ran in one launch of 4 processes."""
-    mp = pytest.importorskip("torch.multiprocessing")
+    preload = ["torch", "torch.distributed.tensor", "torch._dynamo", "gradclip", W.__name__]
     out_dir = str(tmp_path_factory.mktemp("layouts"))
-    multiprocessing.set_forkserver_preload(
-        ["torch", "torch.distributed.tensor", "torch._dynamo", "gradclip", W.__name__]
-    )
-    ctx = mp.start_processes(
-        W.worker,
-        args=(W.WORLD, f"tcp://127.0.0.1:{_free_port()}", out_dir),
-        nprocs=W.WORLD,
-        join=False,
-        start_method="forkserver",
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"4 gloo processes did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = []
-    for r in range(W.WORLD):
-        with open(f"{out_dir}/rank{r}.pkl", "rb") as fh:
-            results.append(pickle.load(fh))
-    return results
+    return run_ranks(W.worker, W.WORLD, out_dir, preload, SPAWN_TIMEOUT_S)
 
 
 def _case(ranks: list[dict[str, Any]], name: str) -> list[Any]:
