@@ -9,8 +9,9 @@ leaf is *sharded* over (``sharded=``, :class:`Layout`) and every dimension of ev
 DTensor's mesh. Nested dimensions collapse to the larger one (an expert-parallel group
 inside the data-parallel group of the dense mesh is already covered by it), the same
 ranks named twice count once, and what is left must meet only in this rank, like the
-rows and columns of a grid. Only when nothing names a shard, the groups leaves are
-*replicated* over are the dimensions.
+rows and columns of a grid. Without ``process_group=``/``axis_name=`` the groups
+leaves are *replicated* over are dimensions too (with them, a group of copies may lie
+across the call's dimensions: a tied embedding on the first and last stage).
 
 **What each rank counts.** Each leaf is sharded over some of those dimensions and
 replicated over others; it is counted on the rank whose index is 0 in each dimension
@@ -72,9 +73,11 @@ class Layout:
     ...     g = {"experts": e, "dense": d}
     ...     return gc.global_norm(g, axis_name=("edp", "ep"), sharded=layout)
     >>> per_ep = jax.vmap(norm, in_axes=(0, None), axis_name="ep")
-    >>> ranks = jax.vmap(per_ep, in_axes=(None, None), axis_name="edp")
-    >>> float(ranks(jnp.asarray(experts), jnp.asarray(dense))[1, 0]) ** 2  # 1+4+9+16+1+1
-    32.0...
+    >>> ranks = jax.vmap(per_ep, in_axes=(None, None), axis_size=2, axis_name="edp")
+    >>> norms = ranks(jnp.asarray(experts), jnp.asarray(dense))  # one per (edp, ep) rank
+    >>> print(np.round(np.asarray(norms) ** 2, 4))  # 1 + 4 + 9 + 16 + 1 + 1 on every rank
+    [[32. 32.]
+     [32. 32.]]
     """
 
     sharded: Any = None
