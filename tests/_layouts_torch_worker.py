@@ -78,7 +78,7 @@ def _counter(torch: Any) -> Any:
 
 def _local(x: Any) -> np.ndarray:
     x = x.to_local() if hasattr(x, "to_local") else x
-    return x.detach().numpy().copy()
+    return x.detach().float().numpy().copy()  # bfloat16 exactly, as float32
 
 
 def _calls(torch: Any, gc: Any, make: Any, **options: Any) -> dict[str, Any]:
@@ -93,6 +93,7 @@ def _calls(torch: Any, gc: Any, make: Any, **options: Any) -> dict[str, Any]:
         out["norms"][p] = norm.item()
         out["collectives"][p] = c.ops
         out["norm_type"] = type(norm).__name__
+        out["norm_dtype"] = str(norm.dtype)
     grads = make()
     out["before"] = {k: _local(v) for k, v in grads.items()}
     with count() as c:
@@ -204,6 +205,9 @@ def run_cases(rank: int) -> dict[str, Any]:
             "sharded": _calls(torch, gc, make, sharded=shs),
             "layout": _calls(torch, gc, make, sharded=lays),
             "unmarked": _calls(torch, gc, make, process_group=pg),  # b2, ln counted twice
+            "bfloat16": _calls(
+                torch, gc, lambda: {k: v.bfloat16() for k, v in make().items()}, sharded=shs
+            ),
         }
 
     def ep() -> Any:

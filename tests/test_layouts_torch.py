@@ -197,6 +197,23 @@ def test_gradclip_torch_takes_sharded_per_parameter(ranks: Any, how: str) -> Non
         _assert_scaled(rr["before"], rr["after"], scale, f"rank {r}")
 
 
+def test_bfloat16_gradients_reduce_in_float32_or_wider(ranks: Any) -> None:
+    """bfloat16 tensor-parallel gradients: the norm of their exact values, a float32
+    tensor (fairscale #1092: norms all-reduced in bfloat16)."""
+    res = [r["bfloat16"] for r in _case(ranks, "tp")]
+    for job in ([0, 1], [2, 3]):
+        f = _full("tp", job[0])
+        exact = [torch.from_numpy(f[k]).bfloat16().float().numpy() for k in f]
+        for p in W.ORDS:
+            _assert_norm([res[r]["norms"][p] for r in job], exact, p, "bfloat16")
+        for r in job:
+            assert res[r]["norm_dtype"] == "torch.float32"
+            assert len(res[r]["collectives"][2.0]) == 1
+            scale = _scale(ref_norm(exact, 2.0))
+            for k, v in res[r]["before"].items():  # rounded once to bfloat16
+                np.testing.assert_allclose(res[r]["after"][k], v * scale, rtol=2**-8)
+
+
 # -- the peers' mistakes, reproduced: proof that the layouts above change the result -------
 
 
