@@ -30,6 +30,7 @@ from ._clipping import (
     clip_by_value,
     global_norm,
 )
+from ._distributed import Layout
 from ._per_example import per_example_clip
 from ._reference import clip_scale
 from ._unitwise import adaptive_grad_clip, clip_by_block_rms
@@ -40,6 +41,7 @@ __all__ = [
     "AutoClip",
     "AutoClipState",
     "ClipInfo",
+    "Layout",
     "QuantileClip",
     "QuantileClipState",
     "StatefulClipper",

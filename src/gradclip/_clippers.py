@@ -78,6 +78,7 @@ def clip_stateful(
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> tuple[Any, Any, ClipInfo]:
     """Clip ``grads`` by global norm to the threshold ``clipper`` gives for this step.
 
@@ -97,7 +98,12 @@ def clip_stateful(
     (True, 1.1077)
     """
     tree = _tree.flatten(grads)
-    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    dist = {
+        "process_group": process_group,
+        "axis_name": axis_name,
+        "replicated": replicated,
+        "sharded": sharded,
+    }
     options = {"ord": ord, "eps": eps, "nonfinite": nonfinite, "clipper": clipper, "state": state}
     step = clip_step(tree, **options, **dist)
     return tree.unflatten(step.leaves), step.state, _info(step)
@@ -115,13 +121,19 @@ def clip_stateful_(
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> tuple[Any, ClipInfo]:
     """:func:`clip_stateful` in place, for writable arrays: returns ``(new_state, info)``.
 
     Every leaf is checked before any is written.
     """
     tree = _tree.flatten(grads, inplace=True)
-    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    dist = {
+        "process_group": process_group,
+        "axis_name": axis_name,
+        "replicated": replicated,
+        "sharded": sharded,
+    }
     options = {"ord": ord, "eps": eps, "nonfinite": nonfinite, "clipper": clipper, "state": state}
     step = clip_step(tree, inplace=True, **options, **dist)
     return step.state, _info(step)

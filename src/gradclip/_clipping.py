@@ -32,6 +32,7 @@ def global_norm(
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> Any:
     """The norm of all leaves' elements taken as one vector.
 
@@ -54,9 +55,16 @@ def global_norm(
         For JAX inside ``shard_map`` or ``pmap``: the axes the leaves are sharded over.
     replicated : tree of markers or callable, optional
         Which leaves hold the same values on several ranks and count once: a tree
-        like ``grads`` (or a prefix of it) or a function of each leaf's path, giving
-        ``True`` (the same on every rank), ``False``/``None`` (a shard, the default)
-        or the group(s)/axis name(s) a leaf is replicated over (tied embeddings).
+        like ``grads`` (or a prefix of it), a function of each leaf's path, or one
+        marker for all, giving ``True`` (the same on every rank), ``False``/``None``
+        (a shard, the default) or the group(s)/axis name(s) a leaf is replicated
+        over (tied embeddings); sharded over the call's other groups.
+    sharded : tree of markers or callable, optional
+        The other way round (give one of the two): the group(s)/axis name(s) (or a
+        ``PartitionSpec``) each leaf is split over, which join the reduction, with
+        ``True`` for all and ``False``/``None`` for none; the leaf holds copies over
+        the call's other groups. Either tree may hold a :class:`gradclip.Layout`
+        that names both (see ``docs/parallel_layouts.md``).
 
     Returns
     -------
@@ -81,7 +89,12 @@ def global_norm(
     """
     p = _checks.check_ord(ord)
     plan = _backends.plan(_tree.flatten(grads))
-    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    dist = {
+        "process_group": process_group,
+        "axis_name": axis_name,
+        "replicated": replicated,
+        "sharded": sharded,
+    }
     return _distributed.tree_norm(plan, p, **dist)
 
 
@@ -96,6 +109,7 @@ def clip_by_global_norm(
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> tuple[Any, Any]:
     """Scale every leaf by ``min(1, max_norm / (norm + eps))``; return it and the norm.
 
@@ -124,7 +138,7 @@ def clip_by_global_norm(
         (torch's behaviour), raise ``FloatingPointError`` (reads the norm on the
         host, so it is an error under ``jax.jit`` or on Dask arrays), or make every
         leaf zero (decided on the device).
-    process_group, axis_name, replicated : optional
+    process_group, axis_name, replicated, sharded : optional
         For gradients sharded over processes or devices: as in :func:`global_norm`;
         every rank gets the same global norm and scale.
 
@@ -157,7 +171,12 @@ def clip_by_global_norm(
     array([0.4045, 0.809 , 1.2136, 1.6181, 2.0226])
     """
     tree = _tree.flatten(grads)
-    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    dist = {
+        "process_group": process_group,
+        "axis_name": axis_name,
+        "replicated": replicated,
+        "sharded": sharded,
+    }
     step = clip_step(tree, max_norm, ord=ord, eps=eps, nonfinite=nonfinite, **dist)
     return tree.unflatten(step.leaves), step.norm
 
@@ -173,6 +192,7 @@ def clip_by_global_norm_(
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> Any:
     """:func:`clip_by_global_norm` in place, for writable arrays; returns the norm.
 
@@ -198,7 +218,12 @@ def clip_by_global_norm_(
     (array([0.6, 0. ]), array([0.8]))
     """
     tree = _tree.flatten(grads, inplace=True)  # every leaf checked before any is written
-    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    dist = {
+        "process_group": process_group,
+        "axis_name": axis_name,
+        "replicated": replicated,
+        "sharded": sharded,
+    }
     options = {"ord": ord, "eps": eps, "nonfinite": nonfinite, "inplace": True}
     return clip_step(tree, max_norm, **options, **dist).norm
 
@@ -295,6 +320,7 @@ def clip_step(
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> Step:
     """The step every clip by global norm is made of: the norm, the threshold, the
     scale ``min(1, max_norm / (norm + eps))``, and the multiply under the
@@ -312,7 +338,12 @@ def clip_step(
     if clipper is None:
         max_norm = _checks.check_nonneg(max_norm, "max_norm")
     plan = _backends.plan(tree) if plan is None else plan
-    dist = {"process_group": process_group, "axis_name": axis_name, "replicated": replicated}
+    dist = {
+        "process_group": process_group,
+        "axis_name": axis_name,
+        "replicated": replicated,
+        "sharded": sharded,
+    }
     local = all(v is None for v in dist.values())
     if norm is None and clipper is None and not inplace and local:
         compiled = plan.compiled(_whole, ord=p, eps=eps, nonfinite=nonfinite)

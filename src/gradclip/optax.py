@@ -97,6 +97,7 @@ def clip_by_global_norm(
     ord: float = 2,
     axis_name: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> optax.GradientTransformation:
     """Scale the updates by ``min(1, max_norm / (norm + eps))`` (Pascanu et al.).
 
@@ -122,10 +123,12 @@ def clip_by_global_norm(
         under ``jax.jit``.
     ord : float, optional
         The norm's order: any real ``p > 0`` or ``math.inf`` (default 2).
-    axis_name, replicated : optional
+    axis_name, replicated, sharded : optional
         Inside ``shard_map`` or ``pmap``, the axes the updates are sharded over and
-        which leaves are replicated, as in :func:`gradclip.global_norm`: every device
-        then clips by the norm of the whole model.
+        which leaves are replicated (or, with ``sharded=``, the axes each leaf is
+        split over: the ``in_specs`` given to ``shard_map``), as in
+        :func:`gradclip.global_norm`: every device then clips by the norm of the whole
+        model.
 
     Returns
     -------
@@ -156,6 +159,7 @@ def clip_by_global_norm(
         "nonfinite": nonfinite,
         "axis_name": axis_name,
         "replicated": replicated,
+        "sharded": sharded,
     }
     if isinstance(max_norm, StatefulClipper):
         return _with_clipper(max_norm, p, options)

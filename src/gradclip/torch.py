@@ -63,6 +63,7 @@ def clip_grad_norm_(
     *,
     process_group: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> torch.Tensor:
     """Scale the gradients in place so that their global norm is at most ``max_norm``.
 
@@ -101,6 +102,10 @@ def clip_grad_norm_(
         not world-size times): an iterable of parameters, a dict mapping
         parameters to markers (``True`` or the groups they are replicated over), or
         a predicate on the gradient's path ``"grads[i]"``.
+    sharded : optional, keyword-only
+        The other way round (give one of the two): the groups each parameter's
+        gradient is split over (a dict mapping parameters to groups, a
+        ``gradclip.Layout`` or a predicate); it is replicated over the others.
 
     Returns
     -------
@@ -130,7 +135,7 @@ def clip_grad_norm_(
                 stacklevel=2,
             )
     max_norm = _checks.check_nonneg(max_norm, "max_norm")  # before anything is computed
-    tree, dist = _grad_tree(parameters, process_group, replicated)
+    tree, dist = _grad_tree(parameters, process_group, replicated, sharded)
     if tree is None:
         return torch.tensor(0.0)
     with torch.no_grad(), _mode(tree.leaves, foreach):
@@ -148,6 +153,7 @@ def get_total_norm(
     *,
     process_group: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> torch.Tensor:
     """The norm of all ``tensors`` taken as one vector (``torch.nn.utils.get_total_norm``).
 
@@ -165,7 +171,7 @@ def get_total_norm(
     if not tensors:
         return torch.tensor(0.0)
     tree = _tree.flatten(tensors, "grads")
-    dist = _dist_options(tensors, process_group, replicated)
+    dist = _dist_options(tensors, process_group, replicated, sharded)
     with torch.no_grad(), _mode(tree.leaves, foreach):
         return _total_norm(_backends.plan(tree), norm_type, error_if_nonfinite, foreach, dist)
 
@@ -277,9 +283,10 @@ class ClipHandle:
         nonfinite: str,
         process_group: Any = None,
         replicated: Any = None,
+        sharded: Any = None,
     ) -> None:
         self.optimizer = optimizer
-        self._dist = (process_group, replicated)
+        self._dist = (process_group, replicated, sharded)
         stateful = isinstance(max_norm, StatefulClipper)
         self.clipper = max_norm if stateful else None
         self.max_norm = None if stateful else _checks.check_nonneg(max_norm, "max_norm")
@@ -333,6 +340,7 @@ def clip_before_step(
     nonfinite: str = "propagate",
     process_group: Any = None,
     replicated: Any = None,
+    sharded: Any = None,
 ) -> ClipHandle:
     """Clip the gradients by their global norm before every ``optimizer.step()``.
 
@@ -356,7 +364,7 @@ def clip_before_step(
         For a NaN or inf norm: let it flow through (torch's behaviour), raise
         ``FloatingPointError`` (a host read), or zero every gradient (the step
         does nothing with SGD).
-    process_group, replicated : optional
+    process_group, replicated, sharded : optional
         For sharded gradients, as in :func:`clip_grad_norm_`.
 
     Returns
@@ -380,30 +388,53 @@ def clip_before_step(
     p = _checks.check_ord(norm_type)
     eps = _checks.check_nonneg(eps, "eps")
     nonfinite = _checks.check_nonfinite(nonfinite)
-    return ClipHandle(optimizer, max_norm, p, eps, nonfinite, process_group, replicated)
+    return ClipHandle(optimizer, max_norm, p, eps, nonfinite, process_group, replicated, sharded)
 
 
 # -- shared steps ---------------------------------------------------------------------
 
 
 def _grad_tree(
-    parameters: list[torch.Tensor], process_group: Any, replicated: Any
+    parameters: list[torch.Tensor], process_group: Any, replicated: Any, sharded: Any = None
 ) -> tuple[_tree.Tree | None, dict[str, Any]]:
     """The ``.grad`` of the parameters that have one, as a tree checked writable
     (``None`` when none has), and the distributed options for them."""
     with_grad = [p for p in parameters if p.grad is not None]
     tree = _tree.flatten([p.grad for p in with_grad], inplace=True) if with_grad else None
-    return tree, _dist_options(with_grad, process_group, replicated)
+    return tree, _dist_options(with_grad, process_group, replicated, sharded)
 
 
-def _dist_options(tensors: list[torch.Tensor], process_group: Any, replicated: Any) -> dict:
-    """The distributed options, with ``replicated`` given as parameters (or a dict of
-    parameter -> marker) turned into one marker per tensor, in order."""
-    if replicated is not None and not callable(replicated) and not isinstance(replicated, bool):
-        given = replicated if isinstance(replicated, dict) else dict.fromkeys(replicated, True)
-        by_id = {id(t): m for t, m in given.items()}
-        replicated = [by_id.get(id(t), False) for t in tensors]
-    return {"process_group": process_group, "replicated": replicated}
+def _dist_options(
+    tensors: list[torch.Tensor], process_group: Any, replicated: Any, sharded: Any = None
+) -> dict:
+    """The distributed options, with ``replicated``/``sharded`` given as parameters (or
+    a dict of parameter -> marker) turned into one marker per tensor, in order."""
+    return {
+        "process_group": process_group,
+        "replicated": _per_tensor(tensors, replicated),
+        "sharded": _per_tensor(tensors, sharded),
+    }
+
+
+def _per_tensor(tensors: list[torch.Tensor], markers: Any) -> Any:
+    """A dict of parameter -> marker, or an iterable of parameters (marked ``True``),
+    as one marker per tensor; anything else (one marker for all, a predicate on the
+    path) as it is."""
+    if isinstance(markers, dict):
+        given = markers
+    elif isinstance(markers, (list, tuple, set, frozenset)) or _is_generator(markers):
+        markers = list(markers)
+        if markers and not all(isinstance(t, torch.Tensor) for t in markers):
+            return lambda _path: markers  # groups, not parameters: one marker for all
+        given = dict.fromkeys(markers, True)
+    else:
+        return markers
+    by_id = {id(t): m for t, m in given.items()}
+    return [by_id.get(id(t), False) for t in tensors]
+
+
+def _is_generator(obj: Any) -> bool:
+    return isinstance(obj, types.GeneratorType)
 
 
 def _check_foreach(tensors: list[torch.Tensor], foreach: bool | None) -> None:
@@ -433,8 +464,8 @@ def _total_norm(
     p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
     if p > 0:
         norm = _distributed.tree_norm(plan, p, **dist)
-    elif dist["process_group"] is not None:
-        raise ValueError(f"norm_type must be > 0 with a process_group, got {norm_type!r}")
+    elif any(v is not None for v in dist.values()):
+        raise ValueError(f"norm_type must be > 0 for sharded gradients, got {norm_type!r}")
     else:  # 0, negative, -inf, NaN: not norms; torch's own definition
         norm = torch.nn.utils.get_total_norm(plan.tree.leaves, p, False, foreach)
     if error_if_nonfinite and not bool(torch.isfinite(norm)):
