@@ -25,9 +25,11 @@ __all__ = [
     "clip_scale",
     "combine",
     "divide",
+    "element_count",
     "example_norms",
     "leaf_norms",
     "leaf_terms",
+    "nan_unless_nonneg",
     "real_dtype",
     "safe_scale",
     "scale_leaves",
@@ -66,7 +68,7 @@ def example_norms(tree: Tree, p: float) -> Any:
     terms = []
     for x in tree.leaves:
         if x.ndim == 1:  # one number per example; torch reads axis=() as "all axes"
-            x = xp.reshape(x, (x.shape[0], 1))
+            x = xp.reshape(x, (-1, 1))  # (-1: a batch size Dask may not know yet)
         m, s = leaf_terms(tree, x, p, tuple(range(1, x.ndim)))
         terms.append((xp.reshape(m, (-1,)), None if s is None else xp.reshape(s, (-1,))))
     return combine(tree, terms, p)
@@ -82,24 +84,37 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     """
     xp, acc = tree.xp, tree.acc_dtype
     keep = axis is not None
-    if size(x) == 0:
-        shape = tuple(1 if i in axis else n for i, n in enumerate(x.shape)) if keep else ()
+    n = size(x)
+    if n == 0:
+        shape = tuple(1 if i in axis else k for i, k in enumerate(x.shape)) if keep else ()
         zero = xp.zeros(shape, dtype=acc, device=tree.device)
         return zero, (None if math.isinf(p) else zero)
     a = xp.abs(x)
     if a.dtype != acc:
         a = xp.astype(a, acc)
+    if n is None and not keep:
+        # a size known only once computed (Dask after boolean indexing), maybe 0: one
+        # zero more makes the max defined and adds nothing to the sum
+        zero = xp.zeros((1,), dtype=acc, device=tree.device)
+        a = xp.concat([xp.reshape(a, (-1,)), zero])
     m = xp.max(a, axis=axis, keepdims=keep)
     if math.isinf(p):
         return to_common_device(tree, m), None
     d = safe_scale(xp, m)
-    if p == 2 and _compat.dtype_kind(xp, x.dtype) != "complex":
+    if p == 2 and n is not None and _compat.dtype_kind(xp, x.dtype) != "complex":
         # the same squares from x itself: XLA then need not keep |x| for a second pass
         y = divide(xp, x if x.dtype == acc else xp.astype(x, acc), d)
     else:
         y = divide(xp, a, d)
     s = xp.sum(_power(xp, y, p), axis=axis, keepdims=keep)
     return to_common_device(tree, m), to_common_device(tree, s)
+
+
+def element_count(tree: Tree, x: Any) -> Any:
+    """The number of elements of ``x`` as a 0-d array (accumulation dtype), counted on
+    the device: for shapes known only once computed (Dask after boolean indexing)."""
+    xp = tree.xp
+    return xp.sum(xp.ones_like(x, dtype=tree.acc_dtype))
 
 
 def combine(tree: Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
@@ -161,13 +176,17 @@ def to_common_device(tree: Tree, v: Any) -> Any:
 # -- the scale and the multiply -----------------------------------------------------------
 
 
-def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
+def clip_scale(norm: Any, /, max_norm: Any, *, eps: Any = 0.0) -> Any:
     """``min(1, max_norm / (norm + eps))``, exactly 1 when ``norm + eps <= max_norm``.
 
     The factor every clip by global norm multiplies the gradients by, for a norm the
     caller has (summed over ranks by hand, say). A NaN norm gives a NaN scale and an
     infinite norm a zero scale (values flow through, as in torch). The division never
     sees a zero denominator, so the derivative is finite at a zero norm.
+
+    ``max_norm`` and ``eps`` may be numbers (a negative or NaN one is a
+    ``ValueError``) or 0-d arrays of the norm's library, which are not read on the
+    host: a negative or NaN one gives a NaN scale.
 
     Examples
     --------
@@ -177,14 +196,31 @@ def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
     """
     xp = _compat.array_namespace(norm)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
-    eps = _checks.check_nonneg(eps, "eps")
-    max_norm = _checks.scalar_or_array(xp, max_norm, norm.dtype, _compat.device(norm))
-    den = norm + eps if eps else norm
-    keep = den <= max_norm  # False for NaN
+    eps = _checks.check_nonneg(eps, "eps", finite=True)
+    dev = _compat.device(norm)
+    m = _checks.scalar_or_array(xp, max_norm, norm.dtype, dev)
+    unread = [m] if not isinstance(max_norm, float) else []
+    if isinstance(eps, float):
+        den = norm + eps if eps else norm
+    else:
+        e = _checks.scalar_or_array(xp, eps, norm.dtype, dev)
+        den, unread = norm + e, [*unread, e]
+    keep = den <= m  # False for NaN
     one = xp.ones_like(den)
-    return _compat.as_array(
-        xp, xp.where(keep, one, divide(xp, max_norm, xp.where(keep, one, den)))
-    )
+    scale = xp.where(keep, one, divide(xp, m, xp.where(keep, one, den)))
+    return _compat.as_array(xp, nan_unless_nonneg(xp, scale, *unread))
+
+
+def nan_unless_nonneg(xp: Any, x: Any, *limits: Any) -> Any:
+    """``x``, but NaN wherever one of ``limits`` is negative or NaN.
+
+    ``limits`` are thresholds given as 0-d arrays of the gradients' library, whose
+    value is never read on the host (:mod:`gradclip._checks`): this makes a bad one
+    visible in the results, on the device, instead of a silent sign flip.
+    """
+    for m in limits:
+        x = xp.where(m >= 0, x, xp.full_like(x, math.nan))
+    return x
 
 
 def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list:

@@ -48,9 +48,13 @@ class Tree:
         return torch and _compat.any_requires_grad(self.leaves)
 
 
-def size(x: Any) -> int:
-    """The number of elements of array ``x``."""
-    return math.prod([int(s) for s in x.shape]) if x.shape else 1
+def size(x: Any) -> int | None:
+    """The number of elements of array ``x``; ``None`` when its shape is not known
+    until it is computed (a Dask array after boolean indexing: NaN or ``None``)."""
+    try:
+        return math.prod([int(s) for s in x.shape]) if x.shape else 1
+    except (TypeError, ValueError):  # int(None), int(nan)
+        return None
 
 
 class _IndexPaths(Sequence[str]):

@@ -37,7 +37,7 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-from . import _backends, _checks, _clipping, _distributed, _tree
+from . import _backends, _checks, _clipping, _distributed, _reference, _tree
 from ._clippers import StatefulClipper
 
 __all__ = [
@@ -78,7 +78,8 @@ def clip_grad_norm_(
         ``.grad`` is ``None`` are skipped.
     max_norm : float or 0-d Tensor
         The threshold, ``>= 0`` (a negative or NaN number is a ``ValueError``,
-        where torch would flip the gradients' signs). A tensor stays on the device.
+        where torch would flip the gradients' signs). A tensor stays on the device
+        and is not read: a negative or NaN one makes every gradient NaN.
     norm_type : float or str, optional
         The ``p`` of the p-norm: any real ``p > 0`` or ``inf`` (``"inf"`` too, as
         ``float()`` reads it). Orders torch also accepts that are not norms
@@ -210,7 +211,8 @@ def clip_grad_value_(
 
     ``torch.nn.utils.clip_grad_value_``; a negative ``clip_value`` is a
     ``ValueError`` (torch would set every element to it), a 0-d tensor stays on the
-    device, and complex gradients have their magnitude clipped, keeping the phase.
+    device (not read: a negative or NaN one makes every element NaN), and complex
+    gradients have their magnitude clipped, keeping the phase.
 
     Examples
     --------
@@ -222,8 +224,7 @@ def clip_grad_value_(
     tensor([-1.0000,  0.5000,  1.0000])
     """
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    c = _checks.check_nonneg(clip_value, "clip_value")
-    c = c if isinstance(c, torch.Tensor) else float(c)
+    c = _checks.check_nonneg(clip_value, "clip_value")  # a float, or a tensor not read
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
@@ -243,7 +244,10 @@ def clip_grad_value_(
                 torch._foreach_clamp_min_(group, -c)
                 torch._foreach_clamp_max_(group, c)
             else:
-                cd = c if isinstance(c, float) else c.to(device=device, dtype=dtype)
+                cd = c
+                if not isinstance(c, float):  # NaN bounds, so NaN elements, if it is < 0
+                    cd = c.to(device=device, dtype=dtype)
+                    cd = _reference.nan_unless_nonneg(torch, cd, cd)
                 for g in group:
                     g.clamp_(-cd, cd)
 
@@ -300,11 +304,9 @@ class ClipHandle:
         if tree is None:
             return
         limit, like = self.max_norm, {"dtype": tree.acc_dtype, "device": tree.device}
-        if self.clipper is None:
-            # a tensor of the norm's dtype, read as last_threshold (a fill, no host read)
-            is_tensor = isinstance(limit, torch.Tensor)
-            limit = limit.to(**like) if is_tensor else torch.full((), float(limit), **like)
-        elif self.state is None:
+        if isinstance(limit, torch.Tensor):
+            limit = limit.to(**like)
+        elif self.clipper is not None and self.state is None:
             self.state = self.clipper.init(torch.zeros((), **like))
         with torch.no_grad():
             step = _clipping.clip_step(
@@ -320,7 +322,10 @@ class ClipHandle:
             )
         if self.clipper is not None:
             self.state = step.state
-        self.last_norm, self.last_threshold = step.norm, step.max_norm
+        threshold = step.max_norm
+        if not isinstance(threshold, torch.Tensor):  # a checked float: a fill, no host read
+            threshold = torch.full((), threshold, **like)
+        self.last_norm, self.last_threshold = step.norm, threshold
         self.last_clipped = step.clipped
 
 
@@ -430,7 +435,10 @@ def _total_norm(
     dist: dict[str, Any],
 ) -> torch.Tensor:
     """The norm of the plan's tensors, as torch's (under ``no_grad`` and ``_mode``)."""
-    p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
+    try:
+        p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
+    except OverflowError:  # an integer past float's range
+        raise ValueError(f"norm_type {norm_type:.3e} is past the float range") from None
     if p > 0:
         norm = _distributed.tree_norm(plan, p, **dist)
     elif dist["process_group"] is not None:
