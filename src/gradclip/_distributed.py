@@ -127,8 +127,9 @@ def _markers(tree: _tree.Tree, replicated: Any) -> list[Any]:
         return [False] * len(tree.leaves)
     if callable(replicated):
         return [_none_false(replicated(path)) for path in tree.paths]
-    given: dict[str, Any] = {}
-    _marker_leaves(replicated, "grads", given)  # the root name of _tree.flatten's paths
+    # {path: marker}, with the paths of _tree.flatten (its root name: "grads")
+    markers, paths, _ = _tree.walk(replicated, "grads", _is_marker, strict=False)
+    given = dict(zip(paths, markers))
     out = []
     for path in tree.paths:
         hit = [k for k in given if path.startswith(k) and path[len(k) : len(k) + 1] in "[."]
@@ -145,24 +146,8 @@ def _none_false(marker: Any) -> Any:
     return False if marker is None else marker
 
 
-def _marker_leaves(node: Any, path: str, out: dict[str, Any]) -> None:
-    """``{path: marker}`` for a tree of markers, with the paths of :mod:`._tree`."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            _marker_leaves(v, f"{path}[{k!r}]", out)
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            _marker_leaves(v, f"{path}[{i}]", out)
-    else:
-        jax = sys.modules.get("jax")
-        if jax is not None and node is not None and not isinstance(node, (bool, str)):
-            tu = jax.tree_util
-            keyed, treedef = tu.tree_flatten_with_path(node, is_leaf=lambda n: n is not node)
-            if not tu.treedef_is_leaf(treedef):
-                for k, v in keyed:
-                    _marker_leaves(v, path + tu.keystr(k), out)
-                return
-        out[path] = node
+def _is_marker(node: Any) -> bool:
+    return node is None or isinstance(node, (bool, str))
 
 
 def _bad_marker(path: str, marker: Any, kinds: str) -> TypeError:

@@ -252,8 +252,12 @@ def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: 
 
 def _multiplies_in_place(x: Any) -> bool:
     """NumPy, CuPy and torch compute ``x *= s`` in the scale's precision (a float32
-    scale on a float16 leaf is rounded once), so the operator needs no temporary."""
-    return _compat.is_numpy_array(x) or _compat.is_torch_array(x) or _compat.is_cupy_array(x)
+    scale on a float16 leaf is rounded once), so the operator needs no temporary.
+    torch has no multiply for its 8-bit floats: those are written from the product
+    in float32 instead."""
+    if _compat.is_torch_array(x):
+        return x.dtype.itemsize > 1
+    return _compat.is_numpy_array(x) or _compat.is_cupy_array(x)
 
 
 def scaled(tree: Tree, x: Any, scale: Any) -> Any:

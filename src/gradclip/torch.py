@@ -197,7 +197,7 @@ def clip_grads_with_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    tree = _tree.flatten(grads, inplace=True)
+    tree = _writable(grads)
     with torch.no_grad(), _mode(tree.leaves, foreach):
         _scale(_backends.plan(tree), max_norm, total_norm)
 
@@ -228,7 +228,7 @@ def clip_grad_value_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    tree = _tree.flatten(grads, inplace=True)
+    tree = _writable(grads)
     _check_foreach(grads, foreach)
     with torch.no_grad():
         groups = _group_tensors_by_device_and_dtype([tree.leaves])
@@ -397,8 +397,14 @@ def _grad_tree(
     """The ``.grad`` of the parameters that have one, as a tree checked writable
     (``None`` when none has), and the distributed options for them."""
     with_grad = [p for p in parameters if p.grad is not None]
-    tree = _tree.flatten([p.grad for p in with_grad], inplace=True) if with_grad else None
+    tree = _writable([p.grad for p in with_grad]) if with_grad else None
     return tree, _dist_options(with_grad, process_group, replicated)
+
+
+def _writable(grads: list[torch.Tensor]) -> _tree.Tree:
+    """The gradients as a tree checked writable as they are written: under no_grad."""
+    with torch.no_grad():
+        return _tree.flatten(grads, inplace=True)
 
 
 def _dist_options(tensors: list[torch.Tensor], process_group: Any, replicated: Any) -> dict:
