@@ -258,6 +258,9 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
         if _compat.dtype_kind(xp, x.dtype) == "complex":
             # complex gradients: clip the magnitude, keep the phase
             y = x * _reference.clip_scale(xp.abs(x), c)
+        elif _tree.size(x) is None:  # a shape Dask knows once computed (clip needs it)
+            c = xp.astype(c, x.dtype)
+            y = xp.minimum(xp.maximum(x, -c), c)
         else:
             y = xp.clip(x, -xp.astype(c, x.dtype), xp.astype(c, x.dtype))
         out.append(_compat.as_array(xp, y))

@@ -182,23 +182,27 @@ def first_overlap(leaves: Any) -> tuple[int, int | None] | None:
     leaves and arrays that own their memory are cleared at C speed; bounds that
     overlap are then decided exactly (NumPy's ``shares_memory``).
     """
-    n = len(leaves)
-    if len(set(map(id, leaves))) < n:
+    n, x, types = len(leaves), leaves[0], set(map(type, leaves))
+    plain_torch = is_torch_array(x) and types <= _plain_torch()
+    if is_torch_array(x) and (_torch_compiling() or _torch_transforming()):
+        return None  # no data pointers to compare; a compiled graph checks its own
+    if not plain_torch and len(set(map(id, leaves))) < n:  # (tensors: caught below)
         seen: dict[int, int] = {}
-        for i, x in enumerate(leaves):
-            if id(x) in seen:
-                return seen[id(x)], i
-            seen[id(x)] = i
-    x, types = leaves[0], set(map(type, leaves))
+        for i, y in enumerate(leaves):
+            if id(y) in seen:
+                return seen[id(y)], i
+            seen[id(y)] = i
     if (is_numpy_array(x) or is_cupy_array(x)) and len(types) == 1:
         flags = list(map(_FLAGS, leaves))
-        strided = [i for i, c in enumerate(map(_C_CONTIGUOUS, flags)) if not c]
+        strided = [] if all(map(_C_CONTIGUOUS, flags)) else [
+            i for i, f in enumerate(flags) if not f.c_contiguous
+        ]
         owners = all(map(_OWNDATA, flags))  # arrays owning their memory share none
-    elif is_torch_array(x) and types <= _plain_torch():
-        if _torch_compiling() or _torch_transforming():
-            return None  # no data pointers to compare; a compiled graph checks its own
-        contiguous = map(sys.modules["torch"].Tensor.is_contiguous, leaves)
-        strided = [i for i, c in enumerate(contiguous) if not c]
+    elif plain_torch:
+        contiguous = sys.modules["torch"].Tensor.is_contiguous
+        strided = [] if all(map(contiguous, leaves)) else [
+            i for i, y in enumerate(leaves) if not y.is_contiguous()
+        ]
         owners = False
     else:
         strided, owners = list(range(n)), False
@@ -281,13 +285,14 @@ def _first_shared(leaves: Any, strided: list[int]) -> tuple[int, int] | None:
         except OverflowError:  # addresses past 2**63: sorted in Python below
             pass
         else:
-            located = np.flatnonzero(hi > lo)
+            located = np.flatnonzero((hi > lo) & (lo != 0))
             order = located[np.argsort(lo[located], kind="stable")]
             if order.size < 2 or not np.any(lo[order[1:]] < np.maximum.accumulate(hi[order])[:-1]):
                 return None  # no two ranges overlap (the common case)
             order = order.tolist()
     if order is None:
-        order = sorted((i for i in range(len(leaves)) if ends[i] > starts[i]), key=starts.__getitem__)
+        located = (i for i in range(len(leaves)) if ends[i] > starts[i] != 0)
+        order = sorted(located, key=starts.__getitem__)
     reach: list[tuple[int, int]] = []  # (end, index) of earlier ranges that may reach on
     for i in order:
         reach = [(end, j) for end, j in reach if end > starts[i]]
@@ -316,7 +321,7 @@ def _bounds(leaves: Any, strided: list[int]) -> tuple[list[int], list[int]] | No
         starts = [y.data.ptr for y in leaves]
     else:
         return None
-    ends = [a + b if a else 0 for a, b in zip(starts, map(_NBYTES, leaves))]
+    ends = list(map(operator.add, starts, list(map(_NBYTES, leaves))))  # (C speed)
     for i in strided:  # the range a strided layout spans
         layout = _layout(leaves[i])
         if layout is None or 0 in layout[1]:

@@ -87,7 +87,8 @@ def per_example_clip(
     for x in tree.leaves:
         s = cast_scale(tree, casts, scale, x)  # the leaf's real dtype (float32 for 16-bit leaves)
         if reduce == "none":
-            y = scaled(tree, x, xp.reshape(s, (-1,) + (1,) * (x.ndim - 1)))
+            # (an index, not a reshape: Dask may not know the batch size yet)
+            y = scaled(tree, x, s[(...,) + (None,) * (x.ndim - 1)])
         else:
             y = _weighted_sum(tree, x, s)
         out.append(_compat.as_array(xp, y))

@@ -67,10 +67,12 @@ def example_norms(tree: Tree, p: float) -> Any:
     xp = tree.xp
     terms = []
     for x in tree.leaves:
+        # (an index and squeeze, not reshapes: Dask may not know the batch size yet)
         if x.ndim == 1:  # one number per example; torch reads axis=() as "all axes"
-            x = xp.reshape(x, (-1, 1))  # (-1: a batch size Dask may not know yet)
-        m, s = leaf_terms(tree, x, p, tuple(range(1, x.ndim)))
-        terms.append((xp.reshape(m, (-1,)), None if s is None else xp.reshape(s, (-1,))))
+            x = x[:, None]
+        axes = tuple(range(1, x.ndim))
+        m, s = leaf_terms(tree, x, p, axes)
+        terms.append((xp.squeeze(m, axis=axes), None if s is None else xp.squeeze(s, axis=axes)))
     return combine(tree, terms, p)
 
 

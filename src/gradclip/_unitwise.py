@@ -119,7 +119,7 @@ def adaptive_grad_clip(
     xp = gtree.xp
     out = []
     for g, w, path in zip(gtree.leaves, ptree.leaves, gtree.paths):
-        if tuple(g.shape) != tuple(w.shape):
+        if not _same_shape(g.shape, w.shape):
             raise ValueError(
                 f"{path} has shape {tuple(g.shape)} but its parameter has shape {tuple(w.shape)}"
             )
@@ -142,6 +142,12 @@ def adaptive_grad_clip(
     return gtree.unflatten(out)
 
 
+def _same_shape(a: Any, b: Any) -> bool:
+    """Equal shapes, where a size Dask does not know yet (NaN or None) matches any."""
+    known = lambda n: n is not None and n == n  # noqa: E731  (NaN != NaN)
+    return len(a) == len(b) and all(m == n for m, n in zip(a, b) if known(m) and known(n))
+
+
 def _unit_axes(
     x: Any, axis: int | tuple[int, ...] | None, layout: str, path: str
 ) -> tuple[int, ...]:
@@ -158,7 +164,7 @@ def _unit_axes(
         return axes
     if layout == "torch":  # timm: (out, in, ...) weights, every axis but the first
         return every[1:]
-    if sum(int(n) != 1 for n in x.shape) <= 1:  # optax: squeezes to a scalar or vector
+    if sum(n != 1 for n in x.shape) <= 1:  # optax: squeezes to a scalar or vector
         return every
     if ndim in (2, 3):
         return (0,)
