@@ -105,6 +105,13 @@ def _batch_size(tree: _tree.Tree) -> int | None:
         n = x.shape[0]
         sizes.append(None if n is None or n != n else int(n))  # (NaN != NaN)
     known = [(n, path) for n, path in zip(sizes, tree.paths) if n is not None]
+    if known and len(known) < len(sizes):  # (Dask cannot stack such leaves' norms)
+        lazy = tree.paths[sizes.index(None)]
+        raise ValueError(
+            f"{known[0][1]} has {known[0][0]} examples, but the batch size of {lazy} is "
+            "not known until computed (Dask after boolean indexing): select the same "
+            "examples of every leaf, or call .compute_chunk_sizes() first"
+        )
     for n, path in known:
         if n != known[0][0]:
             raise ValueError(

@@ -13,7 +13,9 @@ float64. Inf and NaN propagate (NaN first). A zero norm has a finite derivative.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Any
 
 from . import _checks, _compat
@@ -94,11 +96,8 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     a = xp.abs(x)
     if a.dtype != acc:
         a = xp.astype(a, acc)
-    if n is None and not keep:
-        # a size known only once computed (Dask after boolean indexing), maybe 0: one
-        # zero more makes the max defined and adds nothing to the sum
-        zero = xp.zeros((1,), dtype=acc, device=tree.device)
-        a = xp.concat([xp.reshape(a, (-1,)), zero])
+    if n is None:
+        a = _pad_unknown(tree, x, a, axis)
     m = xp.max(a, axis=axis, keepdims=keep)
     if math.isinf(p):
         return to_common_device(tree, m), None
@@ -112,6 +111,31 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     return to_common_device(tree, m), to_common_device(tree, s)
 
 
+def _pad_unknown(tree: Tree, x: Any, a: Any, axis: tuple[int, ...] | None) -> Any:
+    """``a`` (the magnitudes of leaf ``x``) with one zero more along each reduced axis
+    whose size is not known until computed (Dask after boolean indexing), which may
+    be 0: the max is then defined, and the sum gains nothing."""
+    xp = tree.xp
+    if axis is None:
+        if a.ndim > 1:  # Dask's reshape needs the size: no lazy flattening
+            path = next((p for y, p in zip(tree.leaves, tree.paths) if y is x), "a leaf")
+            raise ValueError(
+                f"{path} has shape {tuple(x.shape)}, known only once computed (Dask after "
+                "boolean indexing of rows), and Dask cannot flatten it lazily: call "
+                ".compute_chunk_sizes() on it first, or index with a mask of its full shape"
+            )
+        zero = xp.zeros((1,), dtype=a.dtype, device=tree.device)
+        return xp.concat([a, zero])
+    for ax in axis:
+        k = a.shape[ax]
+        if k is None or k != k or k == 0:  # (NaN != NaN)
+            shape = tuple(1 if i == ax else k for i, k in enumerate(a.shape))
+            if all(k is not None and k == k for k in shape):  # else: not padded
+                zero = xp.zeros(shape, dtype=a.dtype, device=tree.device)
+                a = xp.concat([a, zero], axis=ax)
+    return a
+
+
 def element_count(tree: Tree, x: Any) -> Any:
     """The number of elements of ``x`` as a 0-d array (accumulation dtype), counted on
     the device: for shapes known only once computed (Dask after boolean indexing)."""
@@ -123,16 +147,25 @@ def combine(tree: Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
     """The global norm from the per-leaf ``(m, s)`` terms (0-d, or arrays of one shape
     for norms taken per example)."""
     xp = tree.xp
-    ms = xp.stack([m for m, _ in terms])  # axis 0 runs over the leaves
-    big = xp.max(ms, axis=0)
+    ms = [m for m, _ in terms]
+    # (Dask cannot stack arrays whose length is known only once computed: folded)
+    fold = len(ms) > 1 and size(ms[0]) is None
+    big = functools.reduce(xp.maximum, ms) if fold else xp.max(xp.stack(ms), axis=0)
     if math.isinf(p):
         return big
-    ss = xp.stack([s for _, s in terms])
     scale = safe_scale(xp, big)
-    # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale); an
-    # inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
-    r = divide(xp, xp.where(ms > 0, safe_scale(xp, ms), xp.zeros_like(ms)), scale)
-    return scaled_root(xp, scale, xp.sum(_power(xp, r, p) * ss, axis=0), p)
+
+    def weighted(m: Any, s: Any) -> Any:
+        # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale);
+        # an inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
+        r = divide(xp, xp.where(m > 0, safe_scale(xp, m), xp.zeros_like(m)), scale)
+        return _power(xp, r, p) * s
+
+    if fold:
+        total = functools.reduce(operator.add, (weighted(m, s) for m, s in terms))
+    else:  # axis 0 runs over the leaves
+        total = xp.sum(weighted(xp.stack(ms), xp.stack([s for _, s in terms])), axis=0)
+    return scaled_root(xp, scale, total, p)
 
 
 def _power(xp: Any, y: Any, p: float) -> Any:
