@@ -194,7 +194,7 @@ def test_integers_past_float_range():
     """``max_norm`` and other thresholds: inf, no clipping; ``eps`` and ``ord``: a
     ValueError naming them (no OverflowError anywhere)."""
     g = np.array([3.0, 4.0])
-    clipped, norm = gc.clip_by_global_norm(g, HUGE)
+    clipped, _ = gc.clip_by_global_norm(g, HUGE)
     np.testing.assert_array_equal(clipped, g)
     np.testing.assert_array_equal(gc.clip_by_value(g, HUGE), g)
     np.testing.assert_array_equal(gc.clip_by_block_rms([g], HUGE)[0], g)
@@ -236,7 +236,7 @@ ODD_OPTIONS = [
 
 
 @pytest.mark.parametrize(
-    "call, name, valid",
+    ("call", "name", "valid"),
     [
         (lambda v: gc.clip_by_global_norm(_grads(), 1.0, nonfinite=v), "nonfinite", ()),
         (lambda v: gc.clip_by_global_norm(_grads(), 1.0, ord=v), "ord", (3,)),
@@ -275,20 +275,24 @@ def _calls(backend):
     """The public functions, as call(grads, threshold) -> the clipped leaves."""
     xp_grads = [backend.asarray(np.array([3.0, 4.0]), "float32")]
     rows = [backend.asarray(np.array([[3.0, 4.0], [0.3, 0.4]]), "float32")]
-    return xp_grads, rows, {
-        "clip_by_global_norm": lambda g, v: gc.clip_by_global_norm(g, v)[0],
-        "eps of clip_by_global_norm": lambda g, v: gc.clip_by_global_norm(g, 1.0, eps=v)[0],
-        "clip_by_norm": lambda g, v: gc.clip_by_norm(g, v),
-        "eps of clip_by_norm": lambda g, v: gc.clip_by_norm(g, 1.0, eps=v),
-        "clip_by_value": lambda g, v: gc.clip_by_value(g, v),
-        "clip_by_block_rms": lambda g, v: gc.clip_by_block_rms(g, v),
-        "adaptive_grad_clip": lambda g, v: gc.adaptive_grad_clip(g, g, v),
-        "eps of adaptive_grad_clip": lambda g, v: gc.adaptive_grad_clip(g, g, 0.1, eps=v),
-        "per_example_clip": lambda g, v: [gc.per_example_clip(g[0], v, reduce="none")[0]],
-        "eps of per_example_clip": lambda g, v: [
-            gc.per_example_clip(g[0], 1.0, eps=v, reduce="none")[0]
-        ],
-    }
+    return (
+        xp_grads,
+        rows,
+        {
+            "clip_by_global_norm": lambda g, v: gc.clip_by_global_norm(g, v)[0],
+            "eps of clip_by_global_norm": lambda g, v: gc.clip_by_global_norm(g, 1.0, eps=v)[0],
+            "clip_by_norm": lambda g, v: gc.clip_by_norm(g, v),
+            "eps of clip_by_norm": lambda g, v: gc.clip_by_norm(g, 1.0, eps=v),
+            "clip_by_value": lambda g, v: gc.clip_by_value(g, v),
+            "clip_by_block_rms": lambda g, v: gc.clip_by_block_rms(g, v),
+            "adaptive_grad_clip": lambda g, v: gc.adaptive_grad_clip(g, g, v),
+            "eps of adaptive_grad_clip": lambda g, v: gc.adaptive_grad_clip(g, g, 0.1, eps=v),
+            "per_example_clip": lambda g, v: [gc.per_example_clip(g[0], v, reduce="none")[0]],
+            "eps of per_example_clip": lambda g, v: [
+                gc.per_example_clip(g[0], 1.0, eps=v, reduce="none")[0]
+            ],
+        },
+    )
 
 
 @pytest.fixture(params=_device_backends())
@@ -376,7 +380,7 @@ def test_traced_eps_under_jit():
     jnp = jax.numpy
     g = {"w": jnp.array([3.0, 4.0])}
     f = jax.jit(lambda g, e: gc.clip_by_global_norm(g, 1.0, eps=e))
-    (got, n), (want, _) = f(g, 0.25), gc.clip_by_global_norm(g, 1.0, eps=0.25)
+    (got, _), (want, _) = f(g, 0.25), gc.clip_by_global_norm(g, 1.0, eps=0.25)
     np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
     assert bool(jnp.all(jnp.isnan(f(g, -0.25)[0]["w"])))
     # eager, an array eps of the grads' library too (not a compile-time constant)

@@ -194,15 +194,19 @@ def first_overlap(leaves: Any) -> tuple[int, int | None] | None:
             seen[id(y)] = i
     if (is_numpy_array(x) or is_cupy_array(x)) and len(types) == 1:
         flags = list(map(_FLAGS, leaves))
-        strided = [] if all(map(_C_CONTIGUOUS, flags)) else [
-            i for i, f in enumerate(flags) if not f.c_contiguous
-        ]
+        strided = (
+            []
+            if all(map(_C_CONTIGUOUS, flags))
+            else [i for i, f in enumerate(flags) if not f.c_contiguous]
+        )
         owners = all(map(_OWNDATA, flags))  # arrays owning their memory share none
     elif plain_torch:
         contiguous = sys.modules["torch"].Tensor.is_contiguous
-        strided = [] if all(map(contiguous, leaves)) else [
-            i for i, y in enumerate(leaves) if not y.is_contiguous()
-        ]
+        strided = (
+            []
+            if all(map(contiguous, leaves))
+            else [i for i, y in enumerate(leaves) if not y.is_contiguous()]
+        )
         owners = False
     else:
         strided, owners = list(range(n)), False

@@ -200,9 +200,7 @@ def _children(node: Any, path: str) -> tuple[list[tuple[Any, str]], Rebuild] | N
     keyed, treedef = tu.tree_flatten_with_path(node, is_leaf=lambda n: n is not node)
     if tu.treedef_is_leaf(treedef):
         return None
-    return [(v, tu.keystr(k)) for k, v in keyed], lambda values: tu.tree_unflatten(
-        treedef, values
-    )
+    return [(v, tu.keystr(k)) for k, v in keyed], lambda values: tu.tree_unflatten(treedef, values)
 
 
 def _rebuild(steps: list[Any], leaves: Iterator[Any]) -> Any:

@@ -445,7 +445,9 @@ def _total_norm(
         p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
     except OverflowError:  # an integer past float's range
         bits = norm_type.bit_length()
-        raise ValueError(f"norm_type, an integer of {bits} bits, is past the float range") from None
+        raise ValueError(
+            f"norm_type, an integer of {bits} bits, is past the float range"
+        ) from None
     if p > 0:
         norm = _distributed.tree_norm(plan, p, **dist)
     elif dist["process_group"] is not None:
