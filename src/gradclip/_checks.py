@@ -11,7 +11,7 @@ checked here, or a 0-d array of an array library, whose value is never read:
   or Dask array) may sit on an accelerator or be traced by a compiler: reading it
   would be a host read-back. Its dtype must be real (checked: metadata), its value is
   not: a negative or NaN one makes the clipped values NaN, on the device
-  (:func:`gradclip._reference.invalid_to_nan`), never a silent sign flip.
+  (:func:`gradclip._reference.nan_unless_nonneg`), never a silent sign flip.
 """
 
 from __future__ import annotations

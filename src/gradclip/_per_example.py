@@ -103,7 +103,7 @@ def _batch_size(tree: _tree.Tree) -> int | None:
         if x.ndim == 0:
             raise ValueError(f"{path} is 0-d, but per-example gradients need a batch axis 0")
         n = x.shape[0]
-        sizes.append(None if n is None or n != n else int(n))  # (NaN != NaN)
+        sizes.append(int(n) if _tree.known(n) else None)
     known = [(n, path) for n, path in zip(sizes, tree.paths) if n is not None]
     if known and len(known) < len(sizes):  # (Dask cannot stack such leaves' norms)
         lazy = tree.paths[sizes.index(None)]

@@ -19,7 +19,7 @@ import operator
 from typing import Any
 
 from . import _checks, _compat
-from ._tree import Tree, size
+from ._tree import Tree, known, size
 
 __all__ = [
     "axis_norms",
@@ -127,10 +127,9 @@ def _pad_unknown(tree: Tree, x: Any, a: Any, axis: tuple[int, ...] | None) -> An
         zero = xp.zeros((1,), dtype=a.dtype, device=tree.device)
         return xp.concat([a, zero])
     for ax in axis:
-        k = a.shape[ax]
-        if k is None or k != k or k == 0:  # (NaN != NaN)
-            shape = tuple(1 if i == ax else k for i, k in enumerate(a.shape))
-            if all(k is not None and k == k for k in shape):  # else: not padded
+        if not known(a.shape[ax]) or a.shape[ax] == 0:
+            shape = tuple(1 if i == ax else d for i, d in enumerate(a.shape))
+            if all(map(known, shape)):  # (else not padded: Dask cannot make the zeros)
                 zero = xp.zeros(shape, dtype=a.dtype, device=tree.device)
                 a = xp.concat([a, zero], axis=ax)
     return a

@@ -3,7 +3,9 @@
 A tree is a single array, a nested ``list``/``tuple``/``dict`` of arrays (``None``
 leaves are kept), or, when JAX is imported, any node registered with
 ``jax.tree_util`` (flax structs, equinox modules, ...). Dicts keep their key order
-and namedtuples their type, which ``jax.tree_util`` alone would not guarantee.
+and namedtuples their type, which ``jax.tree_util`` alone would not guarantee. Trees
+are walked with a stack of their own, so any depth works; one that contains itself
+is an error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from . import _compat
 
-__all__ = ["Tree", "check_same_structure", "flatten", "size", "walk"]
+__all__ = ["Tree", "check_same_structure", "flatten", "known", "size", "walk"]
 
 Rebuild = Callable[[Any], Any]
 
@@ -46,6 +48,12 @@ class Tree:
         shared by the checks of one call)."""
         torch = self.xp is not None and _compat.is_torch_namespace(self.xp)
         return torch and _compat.any_requires_grad(self.leaves)
+
+
+def known(n: Any) -> bool:
+    """Whether a dimension's size is known: Dask gives NaN (or ``None``) for one known
+    only once computed (after boolean indexing)."""
+    return n is not None and n == n  # (NaN != NaN)
 
 
 def size(x: Any) -> int | None:

@@ -144,7 +144,7 @@ def adaptive_grad_clip(
 
 def _same_shape(a: Any, b: Any) -> bool:
     """Equal shapes, where a size Dask does not know yet (NaN or None) matches any."""
-    known = lambda n: n is not None and n == n  # noqa: E731  (NaN != NaN)
+    known = _tree.known
     return len(a) == len(b) and all(m == n for m, n in zip(a, b) if known(m) and known(n))
 
 
