@@ -225,8 +225,8 @@ def clip_scale(norm: Any, /, max_norm: Any, *, eps: Any = 0.0) -> Any:
     Examples
     --------
     >>> import numpy as np, gradclip as gc
-    >>> float(gc.clip_scale(np.float32(5.0), max_norm=1.0))
-    0.2
+    >>> gc.clip_scale(np.float32(5.0), max_norm=1.0)
+    array(0.2, dtype=float32)
     """
     xp = _compat.array_namespace(norm)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
