@@ -224,7 +224,7 @@ def _full(xp: Any, value: float, like: Any) -> Any:
 def _positive(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    return float(value)
+    return _checks.host_real(value, name)  # (an integer past float's range: inf)
 
 
 def _count(value: Any, name: str) -> int:
@@ -368,17 +368,11 @@ class ZClip(_Imperative):
     ) -> None:
         self.alpha = _fraction(alpha, "alpha")
         self.z_thresh = _positive(z_thresh, "z_thresh")
-        if max_norm is not None:
-            _checks.check_nonneg(max_norm, "max_norm")
-        self.max_norm = max_norm
-        self.eps = float(_checks.check_nonneg(eps, "eps"))
+        self.max_norm = None if max_norm is None else _checks.check_setting(max_norm, "max_norm")
+        self.eps = _checks.check_setting(eps, "eps", finite=True)
         self.warmup_steps = _count(warmup_steps, "warmup_steps")
-        if mode not in ("zscore", "percentile"):
-            raise ValueError(f"mode must be 'zscore' or 'percentile', got {mode!r}")
-        if clip_option not in ("adaptive_scaling", "mean"):
-            raise ValueError(
-                f"clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}"
-            )
+        _checks.check_choice(mode, "mode", ("zscore", "percentile"))
+        _checks.check_choice(clip_option, "clip_option", ("adaptive_scaling", "mean"))
         self.mode = mode
         self.clip_option = clip_option
         self.clip_factor = _positive(clip_factor, "clip_factor")
@@ -393,7 +387,7 @@ class ZClip(_Imperative):
         xp = _compat.array_namespace(state.mean)
         mean, var = state.mean, state.var
         x = _norm_as(xp, norm, mean)
-        bound = math.inf if self.max_norm is None else float(self.max_norm)
+        bound = math.inf if self.max_norm is None else self.max_norm
         ceiling = _full(xp, bound, mean)
         warm = state.step < self.warmup_steps
 
@@ -479,12 +473,13 @@ class QuantileClip(_Imperative):
         update: str = "geometric",
         seed: int | None = None,
     ) -> None:
-        self.initial_max_norm = float(_checks.check_nonneg(initial_max_norm, "initial_max_norm"))
+        self.initial_max_norm = _checks.check_setting(initial_max_norm, "initial_max_norm")
         self.target_quantile = _fraction(target_quantile, "target_quantile")
-        self.learning_rate = float(_checks.check_nonneg(learning_rate, "learning_rate"))
-        self.noise_multiplier = float(_checks.check_nonneg(noise_multiplier, "noise_multiplier"))
-        if update not in ("geometric", "linear"):
-            raise ValueError(f"update must be 'geometric' or 'linear', got {update!r}")
+        self.learning_rate = _checks.check_setting(learning_rate, "learning_rate", finite=True)
+        self.noise_multiplier = _checks.check_setting(
+            noise_multiplier, "noise_multiplier", finite=True
+        )
+        _checks.check_choice(update, "update", ("geometric", "linear"))
         self.update = update
         self.seed = seed
         self._rng: Any = None

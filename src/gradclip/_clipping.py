@@ -124,15 +124,18 @@ def clip_by_global_norm(
         JAX arrays) of arrays from one library; ``None`` leaves are kept. Integer
         leaves are promoted to the library's default floating dtype.
     max_norm : float or 0-d array
-        The threshold (``>= 0``); a 0-d array may be a traced value under ``jax.jit``.
-        It is rounded to the norm's dtype, so a number past that dtype's range (1e39
-        with float32 gradients) is inf: no clipping.
+        The threshold (``>= 0``). A Python or NumPy number is checked on the host; a
+        0-d array of the gradients' library (on an accelerator, or traced under
+        ``jax.jit``) is never read there, and a negative or NaN one makes every
+        clipped leaf NaN. It is rounded to the norm's dtype, so a number past that
+        dtype's range (1e39 with float32 gradients, or an integer past float's) is
+        inf: no clipping.
     ord : float, optional
         The norm's order: any real ``p > 0`` or ``math.inf`` (default 2).
-    eps : float, optional
-        Added to the norm before dividing. ``1e-6`` reproduces
-        ``torch.nn.utils.clip_grad_norm_``; the default ``0.0`` reproduces
-        ``optax.clip_by_global_norm``.
+    eps : float or 0-d array, optional
+        Added to the norm before dividing (finite, ``>= 0``; an array as
+        ``max_norm``). ``1e-6`` reproduces ``torch.nn.utils.clip_grad_norm_``; the
+        default ``0.0`` reproduces ``optax.clip_by_global_norm``.
     nonfinite : {"propagate", "raise", "zero"}, optional
         What to do when the norm is inf or NaN: let the values flow through
         (torch's behaviour), raise ``FloatingPointError`` (reads the norm on the
@@ -152,10 +155,12 @@ def clip_by_global_norm(
     Raises
     ------
     ValueError
-        A negative or NaN ``max_norm`` or ``eps``, a bad ``ord`` or ``nonfinite``.
+        A negative or NaN ``max_norm`` or ``eps`` given as a number, an infinite
+        ``eps``, a bad ``ord`` or ``nonfinite``, a tree that contains itself.
     TypeError
-        A leaf that is not an array, leaves from two libraries, a non-numeric
-        ``max_norm``.
+        A leaf that is not an array (or a sparse one), leaves from two libraries, a
+        ``max_norm`` or ``eps`` that is not a real number or 0-d real array (a
+        bool, a string, an object array).
     FloatingPointError
         With ``nonfinite="raise"``, when the norm is not finite.
 
@@ -243,7 +248,7 @@ def clip_by_norm(grads: Any, /, max_norm: Any, *, ord: float = 2, eps: float = 0
     """
     p = _checks.check_ord(ord)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
-    eps = _checks.check_nonneg(eps, "eps")
+    eps = _checks.check_nonneg(eps, "eps", finite=True)
     tree = _tree.flatten(grads)
     out = []
     for x, n in zip(tree.leaves, _reference.leaf_norms(tree, p)):
@@ -256,7 +261,8 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
     """Clip every element to ``[-clip_value, clip_value]``.
 
     ``torch.nn.utils.clip_grad_value_`` and ``optax.clip`` as a function. NaN
-    elements stay NaN.
+    elements stay NaN. A ``clip_value`` given as a 0-d array of the gradients'
+    library is not read on the host: a negative or NaN one makes every element NaN.
 
     Examples
     --------
@@ -265,15 +271,21 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
     array([-1. ,  0.5,  1. ])
     """
     clip_value = _checks.check_nonneg(clip_value, "clip_value")
+    unread = not isinstance(clip_value, float)  # an array: NaN results if it is < 0
     tree = _tree.flatten(grads)
     xp = tree.xp
     out = []
     for x in tree.leaves:
         dt = _reference.real_dtype(tree, x)
         c = _checks.scalar_or_array(xp, clip_value, dt, _compat.device(x))
+        if unread:  # NaN bounds give NaN elements
+            c = _reference.nan_unless_nonneg(xp, c, c)
         if _compat.dtype_kind(xp, x.dtype) == "complex":
             # complex gradients: clip the magnitude, keep the phase
             y = x * _reference.clip_scale(xp.abs(x), c)
+        elif _tree.size(x) is None:  # a shape Dask knows once computed (clip needs it)
+            c = xp.astype(c, x.dtype)
+            y = xp.minimum(xp.maximum(x, -c), c)
         else:
             y = xp.clip(x, -xp.astype(c, x.dtype), xp.astype(c, x.dtype))
         out.append(_compat.as_array(xp, y))
@@ -333,7 +345,7 @@ def clip_step(
     and serves every part of the step.
     """
     p = _checks.check_ord(ord)
-    eps = _checks.check_nonneg(eps, "eps")
+    eps = _checks.check_nonneg(eps, "eps", finite=True)
     nonfinite = _checks.check_nonfinite(nonfinite)
     if clipper is None:
         max_norm = _checks.check_nonneg(max_norm, "max_norm")
@@ -345,7 +357,8 @@ def clip_step(
         "sharded": sharded,
     }
     local = all(v is None for v in dist.values())
-    if norm is None and clipper is None and not inplace and local:
+    # (an array eps is an operand of the step, not a compile-time constant)
+    if norm is None and clipper is None and not inplace and local and isinstance(eps, float):
         compiled = plan.compiled(_whole, ord=p, eps=eps, nonfinite=nonfinite)
         if compiled is not None:  # eager JAX: the whole step in one compiled call
             leaves, norm, scale = compiled(max_norm)
@@ -368,7 +381,9 @@ def _whole(tree: _tree.Tree, max_norm: Any, **options: Any) -> tuple:
 
 def _threshold(tree: _tree.Tree, norm: Any, max_norm: Any) -> Any:
     """A stateful clipper's threshold as a 0-d array of the norm's dtype and device,
-    checked as a ``max_norm`` argument is (a Python number must be >= 0)."""
+    checked as a ``max_norm`` argument is (a host number must be >= 0; an array of
+    the gradients' library is not read, and a negative or NaN one makes the scale
+    NaN)."""
     max_norm = _checks.check_nonneg(max_norm, "the clipper's threshold")
     m = _checks.scalar_or_array(tree.xp, max_norm, norm.dtype, tree.device)
     return _reference.to_common_device(tree, m)

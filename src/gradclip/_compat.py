@@ -34,6 +34,8 @@ __all__ = [
     "default_float",
     "device",
     "dtype_kind",
+    "first_overlap",
+    "first_unstrided",
     "first_unwritable",
     "is_array_api_obj",
     "is_cupy_array",
@@ -90,6 +92,8 @@ def _writable_problem(x: Any) -> str | None:
         # torch.compile cannot trace is_inference(); a compiled graph fails on its own
         if not _torch_compiling() and x.is_inference() and not _torch_inference_mode():
             return "the tensor is an inference tensor"
+        if x.requires_grad and x._is_view() and sys.modules["torch"].is_grad_enabled():
+            return _autograd_view_problem(x)
         return None
     if is_jax_array(x):
         return "JAX arrays are immutable"
@@ -97,6 +101,21 @@ def _writable_problem(x: Any) -> str | None:
         return f"{library_name(x)} arrays are lazy and cannot be written in place"
     if not _aac.is_writeable_array(x):
         return f"{library_name(x)} arrays are not writable"
+    return None
+
+
+def _autograd_view_problem(x: Any) -> str | None:
+    """Why autograd refuses an in-place change of the view ``x`` (which requires grad)
+    with grad mode on, or ``None``: torch's own rules (``check_inplace``)."""
+    if x._base.is_leaf:
+        return "the tensor is a view of a leaf that requires grad"
+    autograd = sys.modules["torch"]._C._autograd
+    meta = getattr(autograd, "_get_creation_meta", None)
+    if meta is not None and meta(x) != autograd.CreationMeta.DEFAULT:
+        return (
+            "autograd forbids changing this view in place with grad mode on (a view made "
+            "under no_grad or inference mode, or one of several views a function returned)"
+        )
     return None
 
 
@@ -136,6 +155,235 @@ def first_unwritable(
         problem = _writable_problem(y)
         if problem is not None:
             return i, problem
+    return None
+
+
+# -- memory that an in-place multiply would write twice ------------------------------
+
+# Elements of a leaf whose layout the quick test cannot clear: past this many, its
+# offsets are not enumerated, and it counts as overlapping itself (only as_strided
+# views with interleaved strides get there).
+OVERLAP_ENUMERATE_MAX = 1 << 24
+_FLAGS = operator.attrgetter("flags")
+_OWNDATA = operator.attrgetter("owndata")
+_C_CONTIGUOUS = operator.attrgetter("c_contiguous")
+_NBYTES = operator.attrgetter("nbytes")
+
+
+def first_overlap(leaves: Any) -> tuple[int, int | None] | None:
+    """Where scaling ``leaves`` in place would write some memory more than once:
+    ``(i, None)`` for a leaf whose elements overlap one another (an expanded or
+    ``as_strided`` view: torch refuses the write, NumPy multiplies such an element
+    once per alias), ``(i, j)`` for two leaves that share memory (the same array
+    twice, overlapping views of one buffer); ``None`` when no memory is shared.
+
+    NumPy and CuPy arrays and plain eager torch tensors are checked (views of one
+    buffer that touch disjoint elements are fine); other arrays are not. Contiguous
+    leaves and arrays that own their memory are cleared at C speed; bounds that
+    overlap are then decided exactly (NumPy's ``shares_memory``).
+    """
+    n, x, types = len(leaves), leaves[0], set(map(type, leaves))
+    plain_torch = is_torch_array(x) and types <= _plain_torch()
+    if is_torch_array(x) and (_torch_compiling() or _torch_transforming()):
+        return None  # no data pointers to compare; a compiled graph checks its own
+    if not plain_torch and len(set(map(id, leaves))) < n:  # (tensors: caught below)
+        seen: dict[int, int] = {}
+        for i, y in enumerate(leaves):
+            if id(y) in seen:
+                return seen[id(y)], i
+            seen[id(y)] = i
+    if (is_numpy_array(x) or is_cupy_array(x)) and len(types) == 1:
+        flags = list(map(_FLAGS, leaves))
+        strided = (
+            []
+            if all(map(_C_CONTIGUOUS, flags))
+            else [i for i, f in enumerate(flags) if not f.c_contiguous]
+        )
+        owners = all(map(_OWNDATA, flags))  # arrays owning their memory share none
+    elif plain_torch:
+        contiguous = sys.modules["torch"].Tensor.is_contiguous
+        strided = (
+            []
+            if all(map(contiguous, leaves))
+            else [i for i, y in enumerate(leaves) if not y.is_contiguous()]
+        )
+        owners = False
+    else:
+        strided, owners = list(range(n)), False
+    for i in strided:
+        layout = _layout(leaves[i])
+        if layout is not None and _overlaps_itself(*layout[1:]):
+            return i, None
+    return None if owners or n == 1 else _first_shared(leaves, strided)
+
+
+def _plain_torch() -> set[type]:
+    torch = sys.modules["torch"]
+    return {torch.Tensor, torch.nn.Parameter}
+
+
+def _torch_transforming() -> bool:
+    """True inside a ``torch.func`` transform (its wrapped tensors have no storage)."""
+    functorch = sys.modules["torch"]._C._functorch
+    return functorch.peek_interpreter_stack() is not None
+
+
+def _layout(x: Any) -> tuple[int, tuple[int, ...], tuple[int, ...], int] | None:
+    """``(address of the first element, shape, strides in bytes, item size)``, or
+    ``None`` for arrays whose memory cannot be located (other libraries, torch
+    subclasses such as DTensor, meta tensors)."""
+    if is_numpy_array(x):
+        return x.__array_interface__["data"][0], x.shape, x.strides, x.itemsize
+    if is_torch_array(x):
+        if type(x) not in _plain_torch() or x.device.type == "meta" or _torch_transforming():
+            return None
+        size = x.element_size()
+        return x.data_ptr(), tuple(x.shape), tuple(s * size for s in x.stride()), size
+    if is_cupy_array(x):
+        return x.data.ptr, x.shape, x.strides, x.itemsize
+    return None
+
+
+def _overlaps_itself(shape: Any, strides: Any, itemsize: int) -> bool:
+    """Whether two elements of a layout share a byte (exact up to
+    ``OVERLAP_ENUMERATE_MAX`` elements, and above it for all but rare layouts)."""
+    if 0 in shape:
+        return False
+    # nested blocks: each stride (smallest first) steps over the block of the smaller
+    # ones, as in every slice or transpose of a dense array
+    extent = itemsize
+    for stride, k in sorted((abs(s), k) for k, s in zip(shape, strides) if k > 1):
+        if stride < extent:
+            return stride == 0 or _overlaps_exactly(shape, strides, itemsize)
+        extent += stride * (k - 1)
+    return False
+
+
+def _overlaps_exactly(shape: Any, strides: Any, itemsize: int) -> bool:
+    """Every element's first byte, sorted: overlapping when two lie closer than an item."""
+    np = sys.modules.get("numpy")
+    count = 1
+    for k in shape:
+        count *= k
+    if np is None or count > OVERLAP_ENUMERATE_MAX:
+        return True  # cannot be cleared: counted as overlapping
+    offsets = np.zeros(1, dtype=np.int64)
+    for k, s in zip(shape, strides):
+        offsets = np.add.outer(offsets, np.arange(k, dtype=np.int64) * s).reshape(-1)
+    offsets.sort()
+    return bool(np.any(np.diff(offsets) < itemsize))
+
+
+def _first_shared(leaves: Any, strided: list[int]) -> tuple[int, int] | None:
+    """The first two leaves that share memory: their byte ranges sorted (at C speed
+    where NumPy is loaded), and those that overlap decided exactly."""
+    bounds = _bounds(leaves, strided)
+    if bounds is None:
+        return None
+    starts, ends = bounds
+    np = sys.modules.get("numpy")
+    order: Any = None
+    if np is not None:
+        try:
+            lo, hi = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+        except OverflowError:  # addresses past 2**63: sorted in Python below
+            pass
+        else:
+            located = np.flatnonzero((hi > lo) & (lo != 0))
+            order = located[np.argsort(lo[located], kind="stable")]
+            if order.size < 2 or not np.any(lo[order[1:]] < np.maximum.accumulate(hi[order])[:-1]):
+                return None  # no two ranges overlap (the common case)
+            order = order.tolist()
+    if order is None:
+        located = (i for i in range(len(leaves)) if ends[i] > starts[i] != 0)
+        order = sorted(located, key=starts.__getitem__)
+    reach: list[tuple[int, int]] = []  # (end, index) of earlier ranges that may reach on
+    for i in order:
+        reach = [(end, j) for end, j in reach if end > starts[i]]
+        for _, j in reach:
+            if _share(leaves[j], leaves[i]):
+                return min(i, j), max(i, j)
+        reach.append((ends[i], i))
+    return None
+
+
+def _bounds(leaves: Any, strided: list[int]) -> tuple[list[int], list[int]] | None:
+    """Each leaf's first and past-last byte address (equal, e.g. 0, for empty leaves
+    and those whose memory cannot be located); ``None`` for tensors without storage."""
+    x = leaves[0]
+    if is_torch_array(x):
+        try:  # (a pass each at C speed; meta tensors' address is 0)
+            starts = list(map(sys.modules["torch"].Tensor.data_ptr, leaves))
+        except RuntimeError:  # tensors without storage (fake tensors)
+            return None
+        plain = _plain_torch()
+        if not set(map(type, leaves)) <= plain:  # subclasses (DTensor): not located
+            starts = [a if type(y) in plain else 0 for a, y in zip(starts, leaves)]
+    elif is_numpy_array(x):
+        starts = [y.__array_interface__["data"][0] for y in leaves]
+    elif is_cupy_array(x):
+        starts = [y.data.ptr for y in leaves]
+    else:
+        return None
+    ends = list(map(operator.add, starts, list(map(_NBYTES, leaves))))  # (C speed)
+    for i in strided:  # the range a strided layout spans
+        layout = _layout(leaves[i])
+        if layout is None or 0 in layout[1]:
+            starts[i] = ends[i] = 0
+            continue
+        start, shape, strides, itemsize = layout
+        starts[i] = start + sum(s * (k - 1) for k, s in zip(shape, strides) if s < 0)
+        ends[i] = start + sum(s * (k - 1) for k, s in zip(shape, strides) if s > 0) + itemsize
+    return starts, ends
+
+
+def _share(a: Any, b: Any) -> bool:
+    """Whether two arrays whose byte ranges overlap share a byte (NumPy's exact test,
+    on views that stand for their layouts: no memory is read)."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return True  # cannot be decided: counted as shared
+    if not (is_numpy_array(a) and is_numpy_array(b)):
+        la, lb = _layout(a), _layout(b)
+        if la is None or lb is None:
+            return False  # memory that cannot be located is not checked
+        a, b = np.asarray(_Layout(*la)), np.asarray(_Layout(*lb))
+    try:
+        return bool(np.shares_memory(a, b))
+    except np.exceptions.TooHardError:
+        return True
+
+
+class _Layout:
+    """An object NumPy reads as an array at a given address (never dereferenced)."""
+
+    def __init__(self, address: int, shape: Any, strides: Any, itemsize: int) -> None:
+        self.__array_interface__ = {
+            "data": (address, False),
+            "shape": tuple(shape),
+            "strides": tuple(strides),
+            "typestr": f"|V{itemsize}",
+            "version": 3,
+        }
+
+
+_LAYOUT = operator.attrgetter("layout")
+_IS_NESTED = operator.attrgetter("is_nested")
+
+
+def first_unstrided(leaves: Any) -> tuple[int, str] | None:
+    """``(index, what)`` of the first torch tensor of ``leaves`` that is not a plain
+    strided one (sparse layouts, nested tensors), or ``None``: one pass at C speed."""
+    if _torch_compiling():  # (a compiled graph fails on such tensors before it runs)
+        return None
+    strided = sys.modules["torch"].strided
+    if set(map(_LAYOUT, leaves)) == {strided} and not any(map(_IS_NESTED, leaves)):
+        return None
+    for i, x in enumerate(leaves):
+        if x.is_nested:
+            return i, "a nested tensor"
+        if x.layout != strided:
+            return i, f"a sparse tensor (layout {x.layout})"
     return None
 
 

@@ -268,9 +268,12 @@ def _markers(tree: _tree.Tree, spec: Any, option: str) -> list[Any]:
     function of each leaf's path, or one marker for every leaf."""
     if callable(spec) and not _is_marker_leaf(spec):
         return [spec(path) for path in tree.paths]
-    given: dict[str, Any] = {}
     root = re.split(r"[\[.]", tree.paths[0], maxsplit=1)[0]  # "grads", optax's "updates"
-    _marker_leaves(spec, root, given, set(tree.paths))
+    # {path: marker}, with the paths of _tree.flatten; where the gradients hold an
+    # array, the node is its marker (a list of groups too)
+    walked = _tree.walk(spec, root, _is_marker, strict=False, leaf_paths=set(tree.paths))
+    markers, paths, _ = walked
+    given = dict(zip(paths, markers))
     out = []
     for path in tree.paths:
         hit = [k for k in given if path.startswith(k) and path[len(k) : len(k) + 1] in "[."]
@@ -291,27 +294,8 @@ def _is_marker_leaf(node: Any) -> bool:
     return sharding is not None and isinstance(node, sharding.PartitionSpec)
 
 
-def _marker_leaves(node: Any, path: str, out: dict[str, Any], leaves: set[str]) -> None:
-    """``{path: marker}`` for a tree of markers, with the paths of :mod:`._tree`; where
-    the gradients hold an array, the node is its marker (a list of groups too)."""
-    if path in leaves or _is_marker_leaf(node):
-        out[path] = node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            _marker_leaves(v, f"{path}[{k!r}]", out, leaves)
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            _marker_leaves(v, f"{path}[{i}]", out, leaves)
-    else:
-        jax = sys.modules.get("jax")
-        if jax is not None and node is not None and not isinstance(node, (bool, str)):
-            tu = jax.tree_util
-            keyed, treedef = tu.tree_flatten_with_path(node, is_leaf=lambda n: n is not node)
-            if not tu.treedef_is_leaf(treedef):
-                for k, v in keyed:
-                    _marker_leaves(v, path + tu.keystr(k), out, leaves)
-                return
-        out[path] = node
+def _is_marker(node: Any) -> bool:
+    return node is None or isinstance(node, (bool, str)) or _is_marker_leaf(node)
 
 
 def _bad_marker(option: str, path: str, marker: Any, kinds: str) -> TypeError:

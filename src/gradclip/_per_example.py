@@ -65,44 +65,60 @@ def per_example_clip(
     >>> clipped, norms, int(n)
     (array([1.75, 1.75, 1.75], dtype=float32), array([0., 5., 5., 5.], dtype=float32), 3)
     """
-    if reduce not in _REDUCE:
-        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    _checks.check_choice(reduce, "reduce", _REDUCE)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
-    eps = _checks.check_nonneg(eps, "eps")
+    eps = _checks.check_nonneg(eps, "eps", finite=True)
     tree = _tree.flatten(grads)
     xp = tree.xp
     batch = _batch_size(tree)
     norms = example_norms(tree, 2.0)
     scale = clip_scale(norms, max_norm, eps=eps)
-    scale = xp.where(xp.isnan(scale), xp.ones_like(scale), scale)  # a NaN example: as optax
+    # an example with a NaN norm passes unscaled, as in optax (a NaN threshold given
+    # as an array still makes every example NaN)
+    scale = xp.where(xp.isnan(norms), xp.ones_like(scale), scale)
     num_clipped = xp.sum(xp.astype(scale < 1, xp.int32))
     if reduce == "mean":
-        scale = scale / max(batch, 1)
+        if batch is None:  # known only once computed (Dask): counted on the device
+            scale = scale / xp.maximum(xp.sum(xp.ones_like(scale)), xp.ones_like(scale))
+        else:
+            scale = scale / max(batch, 1)
     casts: dict[Any, Any] = {}
     out = []
     for x in tree.leaves:
         s = cast_scale(tree, casts, scale, x)  # the leaf's real dtype (float32 for 16-bit leaves)
         if reduce == "none":
-            y = scaled(tree, x, xp.reshape(s, (batch,) + (1,) * (x.ndim - 1)))
+            # (an index, not a reshape: Dask may not know the batch size yet)
+            y = scaled(tree, x, s[(...,) + (None,) * (x.ndim - 1)])
         else:
             y = _weighted_sum(tree, x, s)
         out.append(_compat.as_array(xp, y))
     return tree.unflatten(out), _compat.as_array(xp, norms), _compat.as_array(xp, num_clipped)
 
 
-def _batch_size(tree: _tree.Tree) -> int:
+def _batch_size(tree: _tree.Tree) -> int | None:
+    """The leaves' common size of axis 0; ``None`` when no leaf knows it yet (Dask
+    after boolean indexing: leaves of unknown size are not compared)."""
     sizes = []
     for x, path in zip(tree.leaves, tree.paths):
         if x.ndim == 0:
             raise ValueError(f"{path} is 0-d, but per-example gradients need a batch axis 0")
-        sizes.append(int(x.shape[0]))
-    for n, path in zip(sizes, tree.paths):
-        if n != sizes[0]:
+        n = x.shape[0]
+        sizes.append(int(n) if _tree.known(n) else None)
+    known = [(n, path) for n, path in zip(sizes, tree.paths) if n is not None]
+    if known and len(known) < len(sizes):  # (Dask cannot stack such leaves' norms)
+        lazy = tree.paths[sizes.index(None)]
+        raise ValueError(
+            f"{known[0][1]} has {known[0][0]} examples, but the batch size of {lazy} is "
+            "not known until computed (Dask after boolean indexing): select the same "
+            "examples of every leaf, or call .compute_chunk_sizes() first"
+        )
+    for n, path in known:
+        if n != known[0][0]:
             raise ValueError(
-                f"every leaf needs the same batch size on axis 0, but {tree.paths[0]} has "
-                f"{sizes[0]} examples and {path} has {n}"
+                f"every leaf needs the same batch size on axis 0, but {known[0][1]} has "
+                f"{known[0][0]} examples and {path} has {n}"
             )
-    return sizes[0]
+    return known[0][0] if known else None
 
 
 def _weighted_sum(tree: _tree.Tree, x: Any, s: Any) -> Any:

@@ -13,11 +13,13 @@ float64. Inf and NaN propagate (NaN first). A zero norm has a finite derivative.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from typing import Any
 
 from . import _checks, _compat
-from ._tree import Tree, size
+from ._tree import Tree, known, size
 
 __all__ = [
     "axis_norms",
@@ -25,9 +27,11 @@ __all__ = [
     "clip_scale",
     "combine",
     "divide",
+    "element_count",
     "example_norms",
     "leaf_norms",
     "leaf_terms",
+    "nan_unless_nonneg",
     "real_dtype",
     "safe_scale",
     "scale_leaves",
@@ -65,10 +69,12 @@ def example_norms(tree: Tree, p: float) -> Any:
     xp = tree.xp
     terms = []
     for x in tree.leaves:
+        # (an index and squeeze, not reshapes: Dask may not know the batch size yet)
         if x.ndim == 1:  # one number per example; torch reads axis=() as "all axes"
-            x = xp.reshape(x, (x.shape[0], 1))
-        m, s = leaf_terms(tree, x, p, tuple(range(1, x.ndim)))
-        terms.append((xp.reshape(m, (-1,)), None if s is None else xp.reshape(s, (-1,))))
+            x = x[:, None]
+        axes = tuple(range(1, x.ndim))
+        m, s = leaf_terms(tree, x, p, axes)
+        terms.append((xp.squeeze(m, axis=axes), None if s is None else xp.squeeze(s, axis=axes)))
     return combine(tree, terms, p)
 
 
@@ -82,18 +88,21 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     """
     xp, acc = tree.xp, tree.acc_dtype
     keep = axis is not None
-    if size(x) == 0:
-        shape = tuple(1 if i in axis else n for i, n in enumerate(x.shape)) if keep else ()
+    n = size(x)
+    if n == 0:
+        shape = tuple(1 if i in axis else k for i, k in enumerate(x.shape)) if keep else ()
         zero = xp.zeros(shape, dtype=acc, device=tree.device)
         return zero, (None if math.isinf(p) else zero)
     a = xp.abs(x)
     if a.dtype != acc:
         a = xp.astype(a, acc)
+    if n is None:
+        a = _pad_unknown(tree, x, a, axis)
     m = xp.max(a, axis=axis, keepdims=keep)
     if math.isinf(p):
         return to_common_device(tree, m), None
     d = safe_scale(xp, m)
-    if p == 2 and _compat.dtype_kind(xp, x.dtype) != "complex":
+    if p == 2 and n is not None and _compat.dtype_kind(xp, x.dtype) != "complex":
         # the same squares from x itself: XLA then need not keep |x| for a second pass
         y = divide(xp, x if x.dtype == acc else xp.astype(x, acc), d)
     else:
@@ -102,20 +111,60 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     return to_common_device(tree, m), to_common_device(tree, s)
 
 
+def _pad_unknown(tree: Tree, x: Any, a: Any, axis: tuple[int, ...] | None) -> Any:
+    """``a`` (the magnitudes of leaf ``x``) with one zero more along each reduced axis
+    whose size is not known until computed (Dask after boolean indexing), which may
+    be 0: the max is then defined, and the sum gains nothing."""
+    xp = tree.xp
+    if axis is None:
+        if a.ndim > 1:  # Dask's reshape needs the size: no lazy flattening
+            path = next((p for y, p in zip(tree.leaves, tree.paths) if y is x), "a leaf")
+            raise ValueError(
+                f"{path} has shape {tuple(x.shape)}, known only once computed (Dask after "
+                "boolean indexing of rows), and Dask cannot flatten it lazily: call "
+                ".compute_chunk_sizes() on it first, or index with a mask of its full shape"
+            )
+        zero = xp.zeros((1,), dtype=a.dtype, device=tree.device)
+        return xp.concat([a, zero])
+    for ax in axis:
+        if not known(a.shape[ax]) or a.shape[ax] == 0:
+            shape = tuple(1 if i == ax else d for i, d in enumerate(a.shape))
+            if all(map(known, shape)):  # (else not padded: Dask cannot make the zeros)
+                zero = xp.zeros(shape, dtype=a.dtype, device=tree.device)
+                a = xp.concat([a, zero], axis=ax)
+    return a
+
+
+def element_count(tree: Tree, x: Any) -> Any:
+    """The number of elements of ``x`` as a 0-d array (accumulation dtype), counted on
+    the device: for shapes known only once computed (Dask after boolean indexing)."""
+    xp = tree.xp
+    return xp.sum(xp.ones_like(x, dtype=tree.acc_dtype))
+
+
 def combine(tree: Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
     """The global norm from the per-leaf ``(m, s)`` terms (0-d, or arrays of one shape
     for norms taken per example)."""
     xp = tree.xp
-    ms = xp.stack([m for m, _ in terms])  # axis 0 runs over the leaves
-    big = xp.max(ms, axis=0)
+    ms = [m for m, _ in terms]
+    # (Dask cannot stack arrays whose length is known only once computed: folded)
+    fold = len(ms) > 1 and size(ms[0]) is None
+    big = functools.reduce(xp.maximum, ms) if fold else xp.max(xp.stack(ms), axis=0)
     if math.isinf(p):
         return big
-    ss = xp.stack([s for _, s in terms])
     scale = safe_scale(xp, big)
-    # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale); an
-    # inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
-    r = divide(xp, xp.where(ms > 0, safe_scale(xp, ms), xp.zeros_like(ms)), scale)
-    return scaled_root(xp, scale, xp.sum(_power(xp, r, p) * ss, axis=0), p)
+
+    def weighted(m: Any, s: Any) -> Any:
+        # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale);
+        # an inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
+        r = divide(xp, xp.where(m > 0, safe_scale(xp, m), xp.zeros_like(m)), scale)
+        return _power(xp, r, p) * s
+
+    if fold:
+        total = functools.reduce(operator.add, (weighted(m, s) for m, s in terms))
+    else:  # axis 0 runs over the leaves
+        total = xp.sum(weighted(xp.stack(ms), xp.stack([s for _, s in terms])), axis=0)
+    return scaled_root(xp, scale, total, p)
 
 
 def _power(xp: Any, y: Any, p: float) -> Any:
@@ -161,13 +210,17 @@ def to_common_device(tree: Tree, v: Any) -> Any:
 # -- the scale and the multiply -----------------------------------------------------------
 
 
-def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
+def clip_scale(norm: Any, /, max_norm: Any, *, eps: Any = 0.0) -> Any:
     """``min(1, max_norm / (norm + eps))``, exactly 1 when ``norm + eps <= max_norm``.
 
     The factor every clip by global norm multiplies the gradients by, for a norm the
     caller has (summed over ranks by hand, say). A NaN norm gives a NaN scale and an
     infinite norm a zero scale (values flow through, as in torch). The division never
     sees a zero denominator, so the derivative is finite at a zero norm.
+
+    ``max_norm`` and ``eps`` may be numbers (a negative or NaN one is a
+    ``ValueError``) or 0-d arrays of the norm's library, which are not read on the
+    host: a negative or NaN one gives a NaN scale.
 
     Examples
     --------
@@ -177,14 +230,31 @@ def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
     """
     xp = _compat.array_namespace(norm)
     max_norm = _checks.check_nonneg(max_norm, "max_norm")
-    eps = _checks.check_nonneg(eps, "eps")
-    max_norm = _checks.scalar_or_array(xp, max_norm, norm.dtype, _compat.device(norm))
-    den = norm + eps if eps else norm
-    keep = den <= max_norm  # False for NaN
+    eps = _checks.check_nonneg(eps, "eps", finite=True)
+    dev = _compat.device(norm)
+    m = _checks.scalar_or_array(xp, max_norm, norm.dtype, dev)
+    unread = [m] if not isinstance(max_norm, float) else []
+    if isinstance(eps, float):
+        den = norm + eps if eps else norm
+    else:
+        e = _checks.scalar_or_array(xp, eps, norm.dtype, dev)
+        den, unread = norm + e, [*unread, e]
+    keep = den <= m  # False for NaN
     one = xp.ones_like(den)
-    return _compat.as_array(
-        xp, xp.where(keep, one, divide(xp, max_norm, xp.where(keep, one, den)))
-    )
+    scale = xp.where(keep, one, divide(xp, m, xp.where(keep, one, den)))
+    return _compat.as_array(xp, nan_unless_nonneg(xp, scale, *unread))
+
+
+def nan_unless_nonneg(xp: Any, x: Any, *limits: Any) -> Any:
+    """``x``, but NaN wherever one of ``limits`` is negative or NaN.
+
+    ``limits`` are thresholds given as 0-d arrays of the gradients' library, whose
+    value is never read on the host (:mod:`gradclip._checks`): this makes a bad one
+    visible in the results, on the device, instead of a silent sign flip.
+    """
+    for m in limits:
+        x = xp.where(m >= 0, x, xp.full_like(x, math.nan))
+    return x
 
 
 def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list:
@@ -216,8 +286,12 @@ def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: 
 
 def _multiplies_in_place(x: Any) -> bool:
     """NumPy, CuPy and torch compute ``x *= s`` in the scale's precision (a float32
-    scale on a float16 leaf is rounded once), so the operator needs no temporary."""
-    return _compat.is_numpy_array(x) or _compat.is_torch_array(x) or _compat.is_cupy_array(x)
+    scale on a float16 leaf is rounded once), so the operator needs no temporary.
+    torch has no multiply for its 8-bit floats: those are written from the product
+    in float32 instead."""
+    if _compat.is_torch_array(x):
+        return x.dtype.itemsize > 1
+    return _compat.is_numpy_array(x) or _compat.is_cupy_array(x)
 
 
 def scaled(tree: Tree, x: Any, scale: Any) -> Any:

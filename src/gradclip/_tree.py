@@ -3,7 +3,9 @@
 A tree is a single array, a nested ``list``/``tuple``/``dict`` of arrays (``None``
 leaves are kept), or, when JAX is imported, any node registered with
 ``jax.tree_util`` (flax structs, equinox modules, ...). Dicts keep their key order
-and namedtuples their type, which ``jax.tree_util`` alone would not guarantee.
+and namedtuples their type, which ``jax.tree_util`` alone would not guarantee. Trees
+are walked with a stack of their own, so any depth works; one that contains itself
+is an error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from . import _compat
 
-__all__ = ["Tree", "check_same_structure", "flatten", "size"]
+__all__ = ["Tree", "check_same_structure", "flatten", "known", "size", "walk"]
 
 Rebuild = Callable[[Any], Any]
 
@@ -48,9 +50,19 @@ class Tree:
         return torch and _compat.any_requires_grad(self.leaves)
 
 
-def size(x: Any) -> int:
-    """The number of elements of array ``x``."""
-    return math.prod([int(s) for s in x.shape]) if x.shape else 1
+def known(n: Any) -> bool:
+    """Whether a dimension's size is known: Dask gives NaN (or ``None``) for one known
+    only once computed (after boolean indexing)."""
+    return n is not None and n == n  # (NaN != NaN)
+
+
+def size(x: Any) -> int | None:
+    """The number of elements of array ``x``; ``None`` when its shape is not known
+    until it is computed (a Dask array after boolean indexing: NaN or ``None``)."""
+    try:
+        return math.prod([int(s) for s in x.shape]) if x.shape else 1
+    except (TypeError, ValueError):  # int(None), int(nan)
+        return None
 
 
 class _IndexPaths(Sequence[str]):
@@ -91,56 +103,130 @@ def _keystr(key: Any) -> str:
     return f"[{key!r}]"
 
 
-def _flatten_node(node: Any, path: str, leaves: list[Any], paths: list[str]) -> Rebuild:
-    if node is None:
-        return lambda it: None
-    if _compat.is_array_api_obj(node):
-        leaves.append(node)
-        paths.append(path)
-        return lambda it: next(it)
+_LEAF = object()  # a rebuild step: the next leaf
+_NONE = object()  # a rebuild step: a None kept as None
+_EXIT = object()  # a walk step: every child of a container has been visited
+
+
+def walk(
+    root: Any,
+    name: str,
+    is_leaf: Callable[[Any], bool],
+    *,
+    strict: bool = True,
+    leaf_paths: frozenset[str] | set[str] = frozenset(),
+) -> tuple[list[Any], list[str], list[Any]]:
+    """The leaves of ``root``, their paths (``name['w'][0]``) and the steps that
+    rebuild it, left to right.
+
+    Dicts, lists and tuples (and, when JAX is imported, nodes registered with
+    ``jax.tree_util``) are containers; ``is_leaf`` nodes are leaves; ``None`` is kept
+    as ``None``. Anything else is a ``TypeError`` naming its path, or a leaf when not
+    ``strict``. A node at one of ``leaf_paths`` is a leaf whatever it is. The walk
+    keeps its own stack, so any depth works, and a container that contains itself is
+    a ``ValueError`` naming where.
+    """
+    leaves: list[Any] = []
+    paths: list[str] = []
+    steps: list[Any] = []
+    parts = [name]  # the path of the container being visited, in pieces
+    open_paths: dict[int, str] = {}  # the containers on that path, by id
+    todo: list[tuple[Any, Any]] = [(root, "")]  # (node, its key), or (_EXIT, its step)
+    while todo:
+        node, key = todo.pop()
+        if node is _EXIT:
+            node_id, step = key
+            del open_paths[node_id]
+            parts.pop()
+            steps.append(step)
+        elif is_leaf(node) or (leaf_paths and "".join(parts) + key in leaf_paths):
+            leaves.append(node)
+            paths.append("".join(parts) + key)
+            steps.append(_LEAF)
+        elif node is None:
+            steps.append(_NONE)
+        else:
+            path = "".join(parts) + key
+            expanded = _children(node, path)
+            if expanded is None:
+                if strict:
+                    raise TypeError(
+                        f"{path} is a {type(node).__module__}.{type(node).__qualname__}, not "
+                        "an array: every leaf of the gradient tree must be an array (or None) "
+                        "from one array library"
+                    )
+                leaves.append(node)
+                paths.append(path)
+                steps.append(_LEAF)
+                continue
+            if id(node) in open_paths:
+                raise ValueError(
+                    f"{path} is {open_paths[id(node)]} again, inside itself (a reference "
+                    "cycle): a gradient tree must be finite"
+                )
+            children, build = expanded
+            open_paths[id(node)] = path
+            parts.append(key)
+            todo.append((_EXIT, (id(node), (build, len(children)))))
+            todo.extend(reversed(children))
+    return leaves, paths, steps
+
+
+def _children(node: Any, path: str) -> tuple[list[tuple[Any, str]], Rebuild] | None:
+    """``([(child, key), ...], build)`` for a container, ``build(values)`` making a new
+    one of its type from its children's new values; ``None`` for anything else."""
     if isinstance(node, dict):
         keys = list(node)
-        subs = [_flatten_node(node[k], path + _keystr(k), leaves, paths) for k in keys]
-        typ = type(node)
+        children = [(node[k], _keystr(k)) for k in keys]
+        if type(node) is dict:
+            return children, lambda values: dict(zip(keys, values))
 
-        def rebuild_dict(it: Any) -> Any:
-            values = [sub(it) for sub in subs]
-            if typ is dict:
-                return dict(zip(keys, values))
+        def rebuild_dict(values: list[Any]) -> Any:
             new = copy.copy(node)  # keeps a defaultdict's factory, an OrderedDict's type
             new.update(zip(keys, values))
             return new
 
-        return rebuild_dict
+        return children, rebuild_dict
     if isinstance(node, (list, tuple)):
-        subs = [_flatten_node(v, f"{path}[{i}]", leaves, paths) for i, v in enumerate(node)]
         typ = type(node)
+        children = [(v, f"[{i}]") for i, v in enumerate(node)]
         if hasattr(node, "_fields"):  # namedtuple
-            return lambda it: typ(*[sub(it) for sub in subs])
-        if typ in (list, tuple):
-            return lambda it: typ([sub(it) for sub in subs])
-        return lambda it: typ(sub(it) for sub in subs)
+            return children, lambda values: typ(*values)
+        if typ is list:
+            return children, lambda values: values  # (a new list already)
+        return children, typ
     jax = sys.modules.get("jax")
-    if jax is not None:
-        rebuild = _flatten_jax_node(jax, node, path, leaves, paths)
-        if rebuild is not None:
-            return rebuild
-    raise TypeError(
-        f"{path} is a {type(node).__module__}.{type(node).__qualname__}, not an array: "
-        "every leaf of the gradient tree must be an array (or None) from one array library"
-    )
-
-
-def _flatten_jax_node(
-    jax: Any, node: Any, path: str, leaves: list[Any], paths: list[str]
-) -> Rebuild | None:
-    """Flatten one level of a node registered with ``jax.tree_util``, or ``None``."""
+    if jax is None:
+        return None
+    sparse = sys.modules.get("jax.experimental.sparse")
+    if sparse is not None and isinstance(node, sparse.JAXSparse):
+        # a pytree of its values and integer indices: its norm is not theirs
+        raise TypeError(
+            f"{path} is a sparse {type(node).__name__} array, which gradclip does not "
+            "clip: pass its dense form (.todense()) or its values (.data, when its "
+            "indices are unique)"
+        )
     tu = jax.tree_util
     keyed, treedef = tu.tree_flatten_with_path(node, is_leaf=lambda n: n is not node)
     if tu.treedef_is_leaf(treedef):
         return None
-    subs = [_flatten_node(v, path + tu.keystr(k), leaves, paths) for k, v in keyed]
-    return lambda it: tu.tree_unflatten(treedef, [sub(it) for sub in subs])
+    return [(v, tu.keystr(k)) for k, v in keyed], lambda values: tu.tree_unflatten(treedef, values)
+
+
+def _rebuild(steps: list[Any], leaves: Iterator[Any]) -> Any:
+    """The tree :func:`walk` took apart, with ``leaves`` in place of its leaves."""
+    stack: list[Any] = []
+    for step in steps:
+        if step is _LEAF:
+            stack.append(next(leaves))
+        elif step is _NONE:
+            stack.append(None)
+        else:
+            build, n = step
+            values = stack[len(stack) - n :]
+            del stack[len(stack) - n :]
+            stack.append(build(values))
+    return stack[0]
 
 
 def flatten(
@@ -160,14 +246,22 @@ def flatten(
     if flat is not None:
         leaves, paths, rebuild = flat
     else:
-        leaves, paths = [], []
-        rebuild = _flatten_node(tree, name, leaves, paths)
+        leaves, paths, steps = walk(tree, name, _compat.is_array_api_obj)
+        rebuild = functools.partial(_rebuild, steps)
     if not leaves:
         if allow_empty:
             return Tree(leaves, paths, None, None, None, rebuild)
         raise ValueError(f"{name} has no array leaves (only None or empty containers)")
 
     xp = _namespace(leaves, paths)
+    if _compat.is_torch_namespace(xp):
+        odd = _compat.first_unstrided(leaves)
+        if odd is not None:
+            raise TypeError(
+                f"{paths[odd[0]]} is {odd[1]}, which gradclip does not clip: pass its "
+                "values (g.coalesce().values(), which share its memory once coalesced) "
+                "or its dense form (g.to_dense())"
+            )
     dev = _compat.device(leaves[0])
     try:
         kinds = {dt: _compat.dtype_kind(xp, dt) for dt in {x.dtype for x in leaves}}
@@ -178,13 +272,35 @@ def flatten(
         kinds = None
     acc = _compat.accumulation_dtype(xp, [x.dtype for x in leaves] if kinds is None else kinds)
     out = Tree(leaves, paths, xp, acc, dev, rebuild, None if kinds is None else frozenset(kinds))
-    bad = _compat.first_unwritable(leaves, lambda: out.requires_grad) if inplace else None
-    if bad is not None:
-        raise TypeError(
-            f"{paths[bad[0]]} cannot be clipped in place: {bad[1]}; "
-            "use the functional form gradclip.clip_by_global_norm, which returns new arrays"
-        )
+    if inplace:
+        _check_writable(out)
     return out
+
+
+def _check_writable(tree: Tree) -> None:
+    """Everything that could make an in-place multiply fail, or write some memory
+    twice, checked before anything is written: a ``TypeError`` or ``ValueError``
+    naming the leaf (or leaves)."""
+    leaves, paths = tree.leaves, tree.paths
+    functional = "use the functional form gradclip.clip_by_global_norm, which returns new arrays"
+    bad = _compat.first_unwritable(leaves, lambda: tree.requires_grad)
+    if bad is not None:
+        raise TypeError(f"{paths[bad[0]]} cannot be clipped in place: {bad[1]}; {functional}")
+    shared = _compat.first_overlap(leaves)
+    if shared is None:
+        return
+    i, j = shared
+    if j is None:
+        raise TypeError(
+            f"{paths[i]} cannot be clipped in place: its elements overlap in memory (an "
+            "expanded or as_strided view), so one would be scaled more than once; "
+            f"{functional}, or pass a copy"
+        )
+    raise ValueError(
+        f"{paths[i]} and {paths[j]} share memory (the same array twice, or overlapping "
+        "views of one buffer): clipped in place it would be scaled twice; pass each "
+        f"array once, or {functional}"
+    )
 
 
 def _promote_or_raise(

@@ -14,7 +14,16 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _checks, _compat, _tree
-from ._reference import axis_norms, cast_scale, clip_scale, divide, leaf_norms, scaled
+from ._reference import (
+    axis_norms,
+    cast_scale,
+    clip_scale,
+    divide,
+    element_count,
+    leaf_norms,
+    nan_unless_nonneg,
+    scaled,
+)
 
 __all__ = ["adaptive_grad_clip", "clip_by_block_rms"]
 
@@ -48,9 +57,11 @@ def adaptive_grad_clip(
         shapes and the same array library.
     clipping : float or 0-d array
         ``lambda``, the largest allowed ratio of a unit's gradient norm to its
-        parameter norm (the paper uses 0.01 to 0.16).
-    eps : float, optional
-        The smallest parameter norm used, so zero-initialised units still move.
+        parameter norm (the paper uses 0.01 to 0.16). A 0-d array of the gradients'
+        library is not read on the host: a negative or NaN one gives NaN results.
+    eps : float or 0-d array, optional
+        The smallest parameter norm used, so zero-initialised units still move
+        (finite, ``>= 0``; an array as ``clipping``).
     axis : int or tuple of int, optional
         The axes reduced to get a unit's norm (as ``optax.adaptive_grad_clip``). With
         ``None``, the framework's layout decides (see ``layout``). Leaves of rank 0 or
@@ -88,10 +99,12 @@ def adaptive_grad_clip(
     array([[0.3, 0.4],
            [0.1, 0. ]])
     """
-    eps = _checks.check_nonneg(eps, "eps")
+    eps = _checks.check_nonneg(eps, "eps", finite=True)
     clipping = _checks.check_nonneg(clipping, "clipping")
-    if layout is not None and layout not in _LAYOUTS:
-        raise ValueError(f"layout must be one of {_LAYOUTS} or None, got {layout!r}")
+    # thresholds given as arrays are not read: NaN results where one is < 0 or NaN
+    unread = (not isinstance(clipping, float), not isinstance(eps, float))
+    if layout is not None:
+        _checks.check_choice(layout, "layout", _LAYOUTS)
     gtree = _tree.flatten(grads, "grads")
     ptree = _tree.flatten(params, "params")
     if gtree.xp is not ptree.xp:
@@ -106,7 +119,7 @@ def adaptive_grad_clip(
     xp = gtree.xp
     out = []
     for g, w, path in zip(gtree.leaves, ptree.leaves, gtree.paths):
-        if tuple(g.shape) != tuple(w.shape):
+        if not _same_shape(g.shape, w.shape):
             raise ValueError(
                 f"{path} has shape {tuple(g.shape)} but its parameter has shape {tuple(w.shape)}"
             )
@@ -118,12 +131,21 @@ def adaptive_grad_clip(
         w_norm = axis_norms(ptree, w, 2.0, axes)
         if w_norm.dtype != g_norm.dtype:
             w_norm = xp.astype(w_norm, g_norm.dtype)
-        c = _checks.scalar_or_array(xp, clipping, g_norm.dtype, _compat.device(g_norm))
-        max_norm = c * xp.maximum(w_norm, xp.asarray(eps, dtype=g_norm.dtype))
+        dev = _compat.device(g_norm)
+        c = _checks.scalar_or_array(xp, clipping, g_norm.dtype, dev)
+        e = _checks.scalar_or_array(xp, eps, g_norm.dtype, dev)
+        max_norm = c * xp.maximum(w_norm, e)
         guard = xp.maximum(g_norm, xp.asarray(_DIV_EPS, dtype=g_norm.dtype))
         scale = xp.where(g_norm > max_norm, divide(xp, max_norm, guard), xp.ones_like(g_norm))
+        scale = nan_unless_nonneg(xp, scale, *(v for v, u in zip((c, e), unread) if u))
         out.append(_compat.as_array(xp, scaled(gtree, g, cast_scale(gtree, {}, scale, g))))
     return gtree.unflatten(out)
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    """Equal shapes, where a size Dask does not know yet (NaN or None) matches any."""
+    known = _tree.known
+    return len(a) == len(b) and all(m == n for m, n in zip(a, b) if known(m) and known(n))
 
 
 def _unit_axes(
@@ -142,7 +164,7 @@ def _unit_axes(
         return axes
     if layout == "torch":  # timm: (out, in, ...) weights, every axis but the first
         return every[1:]
-    if sum(int(n) != 1 for n in x.shape) <= 1:  # optax: squeezes to a scalar or vector
+    if sum(n != 1 for n in x.shape) <= 1:  # optax: squeezes to a scalar or vector
         return every
     if ndim in (2, 3):
         return (0,)
@@ -174,9 +196,14 @@ def clip_by_block_rms(grads: Any, /, max_rms: Any) -> Any:
     xp = tree.xp
     out = []
     for x, n in zip(tree.leaves, leaf_norms(tree, 2.0)):
-        t = _checks.scalar_or_array(xp, max_rms, n.dtype, _compat.device(n))
         # rms > t  <=>  norm > t * sqrt(size): a per-leaf norm clip
-        size = math.prod(int(s) for s in x.shape)
-        scale = clip_scale(n, t * math.sqrt(size))
+        size = _tree.size(x)
+        # (a size unknown until computed, as after a Dask boolean index: counted lazily)
+        root = math.sqrt(size) if size is not None else xp.sqrt(element_count(tree, x))
+        if isinstance(max_rms, float) and size is not None:
+            limit: Any = max_rms * root if size else max_rms  # (inf * 0 would be NaN)
+        else:  # an array is not read: clip_scale makes a negative or NaN one NaN
+            limit = _checks.scalar_or_array(xp, max_rms, n.dtype, _compat.device(n)) * root
+        scale = clip_scale(n, limit)
         out.append(_compat.as_array(xp, scaled(tree, x, cast_scale(tree, {}, scale, x))))
     return tree.unflatten(out)

@@ -37,7 +37,7 @@ from torch.utils._foreach_utils import (
     _has_foreach_support,
 )
 
-from . import _backends, _checks, _clipping, _distributed, _tree
+from . import _backends, _checks, _clipping, _distributed, _reference, _tree
 from ._clippers import StatefulClipper
 
 __all__ = [
@@ -79,7 +79,8 @@ def clip_grad_norm_(
         ``.grad`` is ``None`` are skipped.
     max_norm : float or 0-d Tensor
         The threshold, ``>= 0`` (a negative or NaN number is a ``ValueError``,
-        where torch would flip the gradients' signs). A tensor stays on the device.
+        where torch would flip the gradients' signs). A tensor stays on the device
+        and is not read: a negative or NaN one makes every gradient NaN.
     norm_type : float or str, optional
         The ``p`` of the p-norm: any real ``p > 0`` or ``inf`` (``"inf"`` too, as
         ``float()`` reads it). Orders torch also accepts that are not norms
@@ -202,7 +203,7 @@ def clip_grads_with_norm_(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    tree = _tree.flatten(grads, inplace=True)
+    tree = _writable(grads)
     with torch.no_grad(), _mode(tree.leaves, foreach):
         _scale(_backends.plan(tree), max_norm, total_norm)
 
@@ -216,7 +217,8 @@ def clip_grad_value_(
 
     ``torch.nn.utils.clip_grad_value_``; a negative ``clip_value`` is a
     ``ValueError`` (torch would set every element to it), a 0-d tensor stays on the
-    device, and complex gradients have their magnitude clipped, keeping the phase.
+    device (not read: a negative or NaN one makes every element NaN), and complex
+    gradients have their magnitude clipped, keeping the phase.
 
     Examples
     --------
@@ -228,12 +230,11 @@ def clip_grad_value_(
     tensor([-1.0000,  0.5000,  1.0000])
     """
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    c = _checks.check_nonneg(clip_value, "clip_value")
-    c = c if isinstance(c, torch.Tensor) else float(c)
+    c = _checks.check_nonneg(clip_value, "clip_value")  # a float, or a tensor not read
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return
-    tree = _tree.flatten(grads, inplace=True)
+    tree = _writable(grads)
     _check_foreach(grads, foreach)
     with torch.no_grad():
         groups = _group_tensors_by_device_and_dtype([tree.leaves])
@@ -249,7 +250,10 @@ def clip_grad_value_(
                 torch._foreach_clamp_min_(group, -c)
                 torch._foreach_clamp_max_(group, c)
             else:
-                cd = c if isinstance(c, float) else c.to(device=device, dtype=dtype)
+                cd = c
+                if not isinstance(c, float):  # NaN bounds, so NaN elements, if it is < 0
+                    cd = c.to(device=device, dtype=dtype)
+                    cd = _reference.nan_unless_nonneg(torch, cd, cd)
                 for g in group:
                     g.clamp_(-cd, cd)
 
@@ -307,11 +311,9 @@ class ClipHandle:
         if tree is None:
             return
         limit, like = self.max_norm, {"dtype": tree.acc_dtype, "device": tree.device}
-        if self.clipper is None:
-            # a tensor of the norm's dtype, read as last_threshold (a fill, no host read)
-            is_tensor = isinstance(limit, torch.Tensor)
-            limit = limit.to(**like) if is_tensor else torch.full((), float(limit), **like)
-        elif self.state is None:
+        if isinstance(limit, torch.Tensor):
+            limit = limit.to(**like)
+        elif self.clipper is not None and self.state is None:
             self.state = self.clipper.init(torch.zeros((), **like))
         with torch.no_grad():
             step = _clipping.clip_step(
@@ -327,7 +329,10 @@ class ClipHandle:
             )
         if self.clipper is not None:
             self.state = step.state
-        self.last_norm, self.last_threshold = step.norm, step.max_norm
+        threshold = step.max_norm
+        if not isinstance(threshold, torch.Tensor):  # a checked float: a fill, no host read
+            threshold = torch.full((), threshold, **like)
+        self.last_norm, self.last_threshold = step.norm, threshold
         self.last_clipped = step.clipped
 
 
@@ -400,8 +405,14 @@ def _grad_tree(
     """The ``.grad`` of the parameters that have one, as a tree checked writable
     (``None`` when none has), and the distributed options for them."""
     with_grad = [p for p in parameters if p.grad is not None]
-    tree = _tree.flatten([p.grad for p in with_grad], inplace=True) if with_grad else None
+    tree = _writable([p.grad for p in with_grad]) if with_grad else None
     return tree, _dist_options(with_grad, process_group, replicated, sharded)
+
+
+def _writable(grads: list[torch.Tensor]) -> _tree.Tree:
+    """The gradients as a tree checked writable as they are written: under no_grad."""
+    with torch.no_grad():
+        return _tree.flatten(grads, inplace=True)
 
 
 def _dist_options(
@@ -461,7 +472,13 @@ def _total_norm(
     dist: dict[str, Any],
 ) -> torch.Tensor:
     """The norm of the plan's tensors, as torch's (under ``no_grad`` and ``_mode``)."""
-    p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
+    try:
+        p = float(norm_type)  # as torch: "inf" and 0-d tensors are accepted
+    except OverflowError:  # an integer past float's range
+        bits = norm_type.bit_length()
+        raise ValueError(
+            f"norm_type, an integer of {bits} bits, is past the float range"
+        ) from None
     if p > 0:
         norm = _distributed.tree_norm(plan, p, **dist)
     elif any(v is not None for v in dist.values()):

@@ -458,15 +458,24 @@ class TorchPath:
                     out[i] = y.to(dtype) if low else y
         return out
 
-    def clip_scale(self, norm: torch.Tensor, max_norm: Any, eps: float) -> torch.Tensor:
+    def clip_scale(self, norm: torch.Tensor, max_norm: Any, eps: Any) -> torch.Tensor:
         """The reference's ``clip_scale`` (1 where ``norm + eps <= max_norm``, else
         their quotient; NaN for a NaN norm) in three kernels where the Array API form
-            a Python ``max_norm`` becomes a 0-d CPU tensor, which torch passes to a device
-        kernel as an argument (no fill, no copy; a CUDA graph keeps its value), and the
-        quotient where it is not used (0/0, inf/inf) is overwritten."""
-        den = norm + eps if eps else norm
+        takes more: a Python ``max_norm`` becomes a 0-d CPU tensor, which torch passes
+        to a device kernel as an argument (no fill, no copy; a CUDA graph keeps its
+        value), and the quotient where it is not used (0/0, inf/inf) is overwritten.
+        Thresholds given as tensors are not read: a negative or NaN one makes the
+        scale NaN, as in the reference."""
+        unread = []
+        if isinstance(eps, numbers.Real):
+            den = norm + eps if eps else norm
+        else:
+            e = scalar_or_array(self.tree.xp, eps, norm.dtype, norm.device)
+            den, unread = norm + e, [e]
         if isinstance(max_norm, numbers.Real):
             m = torch.tensor(float(max_norm), dtype=norm.dtype)
         else:
             m = scalar_or_array(self.tree.xp, max_norm, norm.dtype, norm.device)
-        return (m / den).masked_fill_(den <= m, 1.0)
+            unread.append(m)
+        scale = (m / den).masked_fill_(den <= m, 1.0)
+        return _reference.nan_unless_nonneg(torch, scale, *unread)
