@@ -122,7 +122,7 @@ def walk(
     Dicts, lists and tuples (and, when JAX is imported, nodes registered with
     ``jax.tree_util``) are containers; ``is_leaf`` nodes are leaves; ``None`` is kept
     as ``None``. Anything else is a ``TypeError`` naming its path, or a leaf when not
-    ``strict``. A node at one of ``leaf_paths`` is a leaf whatever it is. The walk
+    ``strict``. A node other than a dict at one of ``leaf_paths`` is a leaf. The walk
     keeps its own stack, so any depth works, and a container that contains itself is
     a ``ValueError`` naming where.
     """
@@ -139,7 +139,9 @@ def walk(
             del open_paths[node_id]
             parts.pop()
             steps.append(step)
-        elif is_leaf(node) or (leaf_paths and "".join(parts) + key in leaf_paths):
+        elif is_leaf(node) or (
+            leaf_paths and not isinstance(node, dict) and "".join(parts) + key in leaf_paths
+        ):
             leaves.append(node)
             paths.append("".join(parts) + key)
             steps.append(_LEAF)
