@@ -186,20 +186,20 @@ def first_overlap(leaves: Any) -> tuple[int, int | None] | None:
     plain_torch = is_torch_array(x) and types <= _plain_torch()
     if is_torch_array(x) and (_torch_compiling() or _torch_transforming()):
         return None  # no data pointers to compare; a compiled graph checks its own
-    if not plain_torch and len(set(map(id, leaves))) < n:  # (tensors: caught below)
+    if not plain_torch and _repeats(leaves):  # (tensors: caught below)
         seen: dict[int, int] = {}
         for i, y in enumerate(leaves):
             if id(y) in seen:
                 return seen[id(y)], i
             seen[id(y)] = i
     if (is_numpy_array(x) or is_cupy_array(x)) and len(types) == 1:
-        flags = list(map(_FLAGS, leaves))
+        # (the flags made one at a time and dropped: no object kept per leaf)
         strided = (
             []
-            if all(map(_C_CONTIGUOUS, flags))
-            else [i for i, f in enumerate(flags) if not f.c_contiguous]
+            if all(map(_C_CONTIGUOUS, map(_FLAGS, leaves)))
+            else [i for i, y in enumerate(leaves) if not y.flags.c_contiguous]
         )
-        owners = all(map(_OWNDATA, flags))  # arrays owning their memory share none
+        owners = all(map(_OWNDATA, map(_FLAGS, leaves)))  # owners of memory share none
     elif plain_torch:
         contiguous = sys.modules["torch"].Tensor.is_contiguous
         strided = (
@@ -215,6 +215,28 @@ def first_overlap(leaves: Any) -> tuple[int, int | None] | None:
         if layout is not None and _overlaps_itself(*layout[1:]):
             return i, None
     return None if owners or n == 1 else _first_shared(leaves, strided)
+
+
+def _repeats(leaves: Any) -> bool:
+    """Whether an object appears twice in ``leaves``: their ids sorted in one array of
+    machine words, for a few leaves or where that stays within ``ALIAS_SHARE`` of their
+    bytes (a set would hold an object per leaf). Thousands of leaves of a few hundred
+    elements each are not checked: the check alone would exceed the 1 % memory bound."""
+    np = sys.modules.get("numpy")
+    n = len(leaves)
+    if np is None:
+        return len(set(map(id, leaves))) < n
+    if n > ALIAS_FEW and 9 * n > ALIAS_SHARE * sum(map(_NBYTES, leaves)):
+        return False
+    ids = np.fromiter(map(id, leaves), dtype=np.uintp, count=n)
+    ids.sort()
+    return bool(np.any(ids[1:] == ids[:-1]))
+
+
+# the share of the gradients' bytes the check for a leaf given twice may take (8 bytes
+# per id and a byte per comparison), within the in-place calls' 1 % bound
+ALIAS_SHARE = 0.005
+ALIAS_FEW = 64  # leaves whose ids are checked whatever their size (a call's fixed cost)
 
 
 def _plain_torch() -> set[type]:
