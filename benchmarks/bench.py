@@ -35,7 +35,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -171,12 +171,15 @@ def cases(data: list[np.ndarray], dtype: str, half: Halver) -> dict[str, tuple[s
             return flat.mul_(0.5)  # one read and write in place
 
         out["floor (sum + mul_, flat)"] = ("floor", floor)
+        out.update(_step_cases(torch, ts, half, "cpu"))
         if _cuda(torch):
             out.update(_cuda_cases(torch, data, half))
 
     jax = _importable("jax")
     if jax is not None:
         out.update(_jax_cases(jax, data, norm0))
+        if _importable("optax") is not None:
+            out.update(_jax_step_cases(jax, data, norm0))
 
     cp = _cupy()
     if cp is not None and dtype != "bfloat16":
@@ -245,6 +248,7 @@ def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, t
     cuda_half = Halver(ts, half.norm0)
     half.others.append(cuda_half)
     return {
+        **_step_cases(torch, ts, cuda_half, "cuda"),
         "floor torch-cuda (copy of 1.5 x bytes)": (
             "cuda",
             _copy_floor(lambda n: torch.ones(n, device="cuda"), data),
@@ -258,6 +262,126 @@ def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, t
             lambda k: torch.nn.utils.clip_grad_norm_(params, cuda_half(k), foreach=True),
         ),
     }
+
+
+STEP_LR = 1e-6  # the optimizer cases' learning rate: the parameters barely move
+
+
+class Paired(NamedTuple):
+    """What a paired case's call returns: its own timings (seconds) of one optimizer
+    step without and one with a clip, back to back in alternating order, so that a
+    slow spell of the shared machine falls on both; what the clip adds is their
+    difference, a few percent of a step that two separate medians cannot resolve."""
+
+    alone: float
+    clipped: float
+
+
+def _paired(alone: Callable[[], Any], clipped: Callable[[], Any], wait: Callable[[], Any]) -> Call:
+    def call(k: int) -> Paired:
+        times = {}
+        for which in ("alone", "clipped") if k % 2 else ("clipped", "alone"):
+            t0 = time.perf_counter()
+            (alone if which == "alone" else clipped)()
+            wait()
+            times[which] = time.perf_counter() - t0
+        return Paired(**times)
+
+    return call
+
+
+def _step_cases(
+    torch: Any, ts: list[Any], half: Halver, device: str
+) -> dict[str, tuple[str, Call]]:
+    """A fused AdamW step over parameters whose ``.grad`` are ``ts`` (on ``device``),
+    paired with the same step after torch's ``clip_grad_norm_`` and with the step
+    clipped by gradclip's hook in its kernel (``grad_scale``: the gradients are read
+    once for the norm, and the kernel writes them back clipped); and one read of the
+    same bytes, ``torch.sum`` over one flat buffer. Every clip halves the gradients.
+    Library ``step`` (``step-cuda``)."""
+    import gradclip.torch as gct
+
+    params = []
+    for t in ts:
+        p = torch.nn.Parameter(torch.zeros_like(t))
+        p.grad = t
+        params.append(p)
+    opt = torch.optim.AdamW(params, lr=STEP_LR, fused=True)
+    opt.step()  # the state exists before any case is timed
+    hooked = torch.optim.AdamW(params, lr=STEP_LR, fused=True)
+    hooked.state = opt.state  # the same parameters and moments, with the hook
+    handle = gct.clip_before_step(hooked, half.norm0)
+    flat = torch.zeros(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=device)
+    flat.normal_()
+    wait = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def torch_clip(k: int) -> Callable[[], Any]:
+        m = half(k)
+        return lambda: (torch.nn.utils.clip_grad_norm_(params, m), opt.step())
+
+    def gradclip_clip(k: int) -> Callable[[], Any]:
+        handle.max_norm = half(k)
+        return hooked.step
+
+    lib = "step" if device == "cpu" else "step-cuda"
+    tag = "" if device == "cpu" else "-cuda"
+    return {
+        f"fused AdamW{tag} step + torch clip_grad_norm_ (paired)": (
+            lib,
+            lambda k: _paired(opt.step, torch_clip(k), wait)(k),
+        ),
+        f"fused AdamW{tag} step + gradclip in the kernel (paired)": (
+            lib,
+            lambda k: _paired(opt.step, gradclip_clip(k), wait)(k),
+        ),
+        f"one read{tag} (torch.sum, flat)": (lib, lambda k: torch.sum(flat)),
+    }
+
+
+def _jax_step_cases(jax: Any, data: list[np.ndarray], norm0: float) -> dict[str, tuple[str, Call]]:
+    """``optax.adamw`` jitted (parameters and state donated, as in training) paired with
+    it chained after gradclip's and after optax's ``clip_by_global_norm``; and one read
+    of the same bytes (``jnp.sum`` over one flat buffer). Library ``step-jax``."""
+    import jax.numpy as jnp
+    import optax
+
+    import gradclip.optax as gco
+
+    grads = [jnp.asarray(x) for x in data]
+    flat = jnp.asarray(np.concatenate([x.reshape(-1) for x in data]))
+    total = jax.jit(jnp.sum)
+    alone = _jax_train_step(jax, optax.adamw(STEP_LR), grads)
+    out: dict[str, tuple[str, Call]] = {}
+    for name, clip in (
+        ("gradclip", gco.clip_by_global_norm),
+        ("optax", optax.clip_by_global_norm),
+    ):
+        chained = _jax_train_step(jax, optax.chain(clip(norm0 / 2), optax.adamw(STEP_LR)), grads)
+        call = _paired(alone, chained, lambda: None)
+        out[f"optax adamw + {name} clip (jit, paired)"] = ("step-jax", call)
+    out["one read jax (jnp.sum, flat)"] = ("step-jax", lambda k: total(flat))
+    return out
+
+
+def _jax_train_step(jax: Any, tx: Any, grads: list[Any]) -> Callable[[], Any]:
+    """One jitted ``update`` + ``apply_updates`` with the parameters and the state
+    donated and carried from call to call; returns the new parameters, computed."""
+    import jax.numpy as jnp
+    import optax
+
+    def step(g: Any, state: Any, params: Any) -> Any:
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    fn = jax.jit(step, donate_argnums=(1, 2))
+    params = [jnp.zeros_like(g) for g in grads]
+    box = [tx.init(params), params]
+
+    def call() -> Any:
+        box[1], box[0] = fn(grads, box[0], box[1])
+        return jax.block_until_ready(box[1])
+
+    return call
 
 
 # -- timing and memory -------------------------------------------------------------------
@@ -345,14 +469,18 @@ def measure(
         k += 1
         if reset is not None:
             reset()
-    times = []
+    times, added = [], []
     _gc.collect()
     _gc.disable()  # as timeit does: no collection inside a timed call
     try:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            _wait(call(k))
+            result = call(k)
+            _wait(result)
             times.append(time.perf_counter() - t0)
+            if isinstance(result, Paired):  # the call's own timings
+                times[-1] = result.clipped
+                added.append(result.clipped - result.alone)
             k += 1
     finally:
         _gc.enable()
@@ -364,12 +492,15 @@ def measure(
         mem, how = _cuda_peak(lambda: call(k)), "cuda-peak"
     else:
         mem, how = _rss_peak_delta(lambda: call(k)), "rss-hwm"
-    return {
+    out = {
         "median_ms": statistics.median(times) * 1e3,
         "times_ms": [t * 1e3 for t in times],
         "extra_bytes": mem,
         "memory_method": how,
     }
+    if added:  # a paired case: what the clip adds to the step, call by call
+        out["added_ms"] = [t * 1e3 for t in added]
+    return out
 
 
 # -- goals -------------------------------------------------------------------------------
@@ -380,7 +511,8 @@ def _every(bound: float) -> dict[str, float]:
 
 
 # (label, numerator, denominator, {set: bound}) ; "bytes" as denominator means the
-# numerator's extra memory over the gradients' bytes
+# numerator's extra memory over the gradients' bytes; ("added", case) is what the clip
+# of a paired case adds to an optimizer step (the median of the calls' differences)
 GOALS = [
     (
         "torch vs torch foreach",
@@ -460,13 +592,61 @@ GOALS = [
         "gradclip jax-gpu (jit)",
         _every(1.30),
     ),
+    (
+        "fused AdamW: clip added vs one read",
+        ("added", "fused AdamW step + gradclip in the kernel (paired)"),
+        "one read (torch.sum, flat)",
+        {"gpt2-small": 1.2, "resnet-50": 1.2},
+    ),
+    (
+        "fused AdamW: clip added vs torch's added",
+        ("added", "fused AdamW step + gradclip in the kernel (paired)"),
+        ("added", "fused AdamW step + torch clip_grad_norm_ (paired)"),
+        {"gpt2-small": 0.5, "resnet-50": 0.5},
+    ),
+    (
+        "fused AdamW-cuda: clip added vs one read",
+        ("added", "fused AdamW-cuda step + gradclip in the kernel (paired)"),
+        "one read-cuda (torch.sum, flat)",
+        {"gpt2-small": 1.2, "resnet-50": 1.2},
+    ),
+    (
+        "fused AdamW-cuda: clip added vs torch's added",
+        ("added", "fused AdamW-cuda step + gradclip in the kernel (paired)"),
+        ("added", "fused AdamW-cuda step + torch clip_grad_norm_ (paired)"),
+        {"gpt2-small": 0.5, "resnet-50": 0.5},
+    ),
+    (
+        "optax adamw jit: gradclip clip added vs one read",
+        ("added", "optax adamw + gradclip clip (jit, paired)"),
+        "one read jax (jnp.sum, flat)",
+        {},
+    ),
+    (
+        "optax adamw jit: optax clip added vs one read",
+        ("added", "optax adamw + optax clip (jit, paired)"),
+        "one read jax (jnp.sum, flat)",
+        {},
+    ),
 ]
+
+
+def median_ms(runs: dict[str, dict[str, Any]], name: str | tuple[str, str]) -> float:
+    """A case's median time, or for ``("added", case)`` the median of what the clip
+    added to the step in a paired case."""
+    if isinstance(name, tuple):
+        return statistics.median(runs[name[1]]["added_ms"])
+    return runs[name]["median_ms"]
+
+
+def _measured(runs: dict[str, dict[str, Any]], name: str | tuple[str, str]) -> bool:
+    return (name[1] if isinstance(name, tuple) else name) in runs
 
 
 def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[dict[str, Any]]:
     out = []
     for label, num, den, bounds in GOALS:
-        if num not in runs or (den != "bytes" and den not in runs):
+        if not _measured(runs, num) or (den != "bytes" and not _measured(runs, den)):
             continue
         if den == "bytes":
             extra = runs[num]["extra_bytes"]
@@ -474,7 +654,7 @@ def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[
                 continue
             value = extra / nbytes
         else:
-            value = runs[num]["median_ms"] / runs[den]["median_ms"]
+            value = median_ms(runs, num) / median_ms(runs, den)
         goal = bounds.get(set_name)
         out.append(
             {
@@ -569,6 +749,8 @@ def run(
                     else:
                         runs[name]["times_ms"] += m["times_ms"]
                         runs[name]["median_ms"] = statistics.median(runs[name]["times_ms"])
+                        if "added_ms" in m:
+                            runs[name]["added_ms"] += m["added_ms"]
             entry = {
                 "set": set_name,
                 "dtype": dtype,
@@ -591,16 +773,19 @@ def table(entry: dict[str, Any]) -> str:
     lines = [
         f"\n{entry['set']}  {entry['dtype']}  ({entry['tensors']} tensors, "
         f"{entry['elements'] / 1e6:.2f} M elements, {entry['bytes'] / 2**20:.1f} MiB)",
-        f"  {'call':<44}{'median ms':>11}{'extra memory':>16}  method",
+        f"  {'call':<52}{'median ms':>11}{'extra memory':>16}  method",
     ]
     for name, r in entry["runs"].items():
         mem = "-" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**10:,.0f} KiB"
-        lines.append(f"  {name:<44}{r['median_ms']:>11.2f}{mem:>16}  {r['memory_method']}")
-    lines.append(f"  {'goal (lower is better)':<44}{'ratio':>11}{'bound':>16}  met")
+        lines.append(f"  {name:<52}{r['median_ms']:>11.2f}{mem:>16}  {r['memory_method']}")
+        if "added_ms" in r:
+            added = median_ms(entry["runs"], ("added", name))
+            lines.append(f"  {'  of which the clip (paired difference)':<52}{added:>11.2f}")
+    lines.append(f"  {'goal (lower is better)':<52}{'ratio':>11}{'bound':>16}  met")
     for g in entry["ratios"]:
         bound = "-" if g["bound"] is None else f"<= {g['bound']:g}"
         met = {True: "yes", False: "NO", None: "-"}[g["met"]]
-        lines.append(f"  {g['goal']:<44}{g['ratio']:>11.3f}{bound:>16}  {met}")
+        lines.append(f"  {g['goal']:<52}{g['ratio']:>11.3f}{bound:>16}  {met}")
     return "\n".join(lines)
 
 
@@ -618,6 +803,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"{e['runs'][name]['median_ms']:.2f}" if name in e["runs"] else "-" for e in entries
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if any("added_ms" in e["runs"].get(name, {}) for e in entries):
+            cells = [
+                f"{median_ms(e['runs'], ('added', name)):.2f}" if name in e["runs"] else "-"
+                for e in entries
+            ]
+            lines.append(
+                "| ... of which the clip (paired difference) | " + " | ".join(cells) + " |"
+            )
     lines += ["", "| goal: ratio (bound) | " + " | ".join(heads) + " |"]
     lines.append("| --- |" + " :---: |" * len(heads))
     goals = list(dict.fromkeys(g["goal"] for e in entries for g in e["ratios"]))
@@ -667,7 +860,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.hlines(b, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
         ax.set_xticks(range(len(values)), names, fontsize=6, rotation=90)
         ax.set_title(label, fontsize=8)
-        if max(values) > 20 * min(v for v in values if v > 0) if any(values) else False:
+        positive = [v for v in values if v > 0]  # (what a step adds may come out below 0)
+        if positive and max(values) > 20 * min(positive):
             ax.set_yscale("log")
         ax.tick_params(axis="y", labelsize=7)
     m = result["machine"]
@@ -692,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--libraries",
         help="only these cases, e.g. cuda,cupy,jax-gpu on a GPU machine (of: numpy, "
-        "torch, floor, jax, cuda, cupy, jax-gpu)",
+        "torch, floor, jax, cuda, cupy, jax-gpu, and the optimizer steps: step, "
+        "step-jax, step-cuda)",
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-plot", action="store_true")

@@ -8,9 +8,10 @@ from typing import Any
 
 from . import _compat
 
-__all__ = ["check_nonfinite", "check_nonneg", "check_ord", "scalar_or_array"]
+__all__ = ["SKIP", "check_nonfinite", "check_nonneg", "check_ord", "scalar_or_array"]
 
 NONFINITE = ("propagate", "raise", "zero")
+SKIP = "skip"  # the whole optimizer step left undone: only an optimizer hook can do that
 
 
 def check_ord(ord: Any) -> float:
@@ -41,9 +42,20 @@ def check_nonneg(value: Any, name: str) -> Any:
     raise TypeError(f"{name} must be a number or a 0-d array, got {type(value).__name__}")
 
 
-def check_nonfinite(nonfinite: Any) -> str:
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+def check_nonfinite(nonfinite: Any, *, skip: bool = False) -> str:
+    """``nonfinite`` as given: one of ``NONFINITE``, or ``"skip"`` where ``skip`` says
+    the caller can skip a whole optimizer step."""
+    allowed = (*NONFINITE, SKIP) if skip else NONFINITE
+    if isinstance(nonfinite, str) and nonfinite == SKIP and not skip:
+        raise ValueError(
+            "nonfinite='skip' leaves a whole optimizer step undone, which a clip alone "
+            "cannot do: use gradclip.torch.clip_before_step(optimizer, ..., "
+            "nonfinite='skip'), or wrap the optax optimizer in "
+            "gradclip.optax.skip_nonfinite; here pass one of "
+            f"{NONFINITE}"
+        )
+    if nonfinite not in allowed:
+        raise ValueError(f"nonfinite must be one of {allowed}, got {nonfinite!r}")
     return nonfinite
 
 
