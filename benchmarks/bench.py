@@ -35,7 +35,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -267,25 +267,26 @@ def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, t
 STEP_LR = 1e-6  # the optimizer cases' learning rate: the parameters barely move
 
 
-class Paired(NamedTuple):
-    """What a paired case's call returns: its own timings (seconds) of one optimizer
-    step without and one with a clip, back to back in alternating order, so that a
-    slow spell of the shared machine falls on both; what the clip adds is their
-    difference, a few percent of a step that two separate medians cannot resolve."""
-
-    alone: float
-    clipped: float
+class Parts(dict):
+    """What a case of several parts returns from a call: its own timing (seconds) of
+    each part, run back to back in an order that rotates from call to call, so that a
+    slow spell of the shared machine falls on every part alike. What a clip adds to
+    an optimizer step is a few percent of the step: two separate medians cannot
+    resolve it, the difference within one call can."""
 
 
-def _paired(alone: Callable[[], Any], clipped: Callable[[], Any], wait: Callable[[], Any]) -> Call:
-    def call(k: int) -> Paired:
-        times = {}
-        for which in ("alone", "clipped") if k % 2 else ("clipped", "alone"):
+def _parts(parts: dict[str, Callable[[], Any]], wait: Callable[[], Any]) -> Call:
+    names = list(parts)
+
+    def call(k: int) -> Parts:
+        times = Parts()
+        r = k % len(names)
+        for name in names[r:] + names[:r]:
             t0 = time.perf_counter()
-            (alone if which == "alone" else clipped)()
+            parts[name]()
             wait()
-            times[which] = time.perf_counter() - t0
-        return Paired(**times)
+            times[name] = time.perf_counter() - t0
+        return times
 
     return call
 
@@ -293,12 +294,13 @@ def _paired(alone: Callable[[], Any], clipped: Callable[[], Any], wait: Callable
 def _step_cases(
     torch: Any, ts: list[Any], half: Halver, device: str
 ) -> dict[str, tuple[str, Call]]:
-    """A fused AdamW step over parameters whose ``.grad`` are ``ts`` (on ``device``),
-    paired with the same step after torch's ``clip_grad_norm_`` and with the step
-    clipped by gradclip's hook in its kernel (``grad_scale``: the gradients are read
-    once for the norm, and the kernel writes them back clipped); and one read of the
-    same bytes, ``torch.sum`` over one flat buffer. Every clip halves the gradients.
-    Library ``step`` (``step-cuda``)."""
+    """One case of four parts on ``device``: a fused AdamW step over parameters whose
+    ``.grad`` are ``ts`` ("alone"), the same step clipped by gradclip's hook in its
+    kernel ("gradclip": ``grad_scale``, the gradients read once for the norm and
+    written back clipped by the kernel), the same step after torch's
+    ``clip_grad_norm_`` ("torch"), and one read of the same bytes, ``torch.sum`` over
+    one flat buffer ("read"). Each clip halves the gradients. Library ``step``
+    (``step-cuda``)."""
     import gradclip.torch as gct
 
     params = []
@@ -315,33 +317,26 @@ def _step_cases(
     flat.normal_()
     wait = torch.cuda.synchronize if device == "cuda" else lambda: None
 
-    def torch_clip(k: int) -> Callable[[], Any]:
-        m = half(k)
-        return lambda: (torch.nn.utils.clip_grad_norm_(params, m), opt.step())
+    def gradclip_step() -> None:
+        handle.max_norm = half(0)
+        hooked.step()
 
-    def gradclip_clip(k: int) -> Callable[[], Any]:
-        handle.max_norm = half(k)
-        return hooked.step
+    def torch_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, half(0))
+        opt.step()
 
-    lib = "step" if device == "cpu" else "step-cuda"
+    parts = {"alone": opt.step, "gradclip": gradclip_step, "torch": torch_step}
+    parts["read"] = lambda: torch.sum(flat)
     tag = "" if device == "cpu" else "-cuda"
-    return {
-        f"fused AdamW{tag} step + torch clip_grad_norm_ (paired)": (
-            lib,
-            lambda k: _paired(opt.step, torch_clip(k), wait)(k),
-        ),
-        f"fused AdamW{tag} step + gradclip in the kernel (paired)": (
-            lib,
-            lambda k: _paired(opt.step, gradclip_clip(k), wait)(k),
-        ),
-        f"one read{tag} (torch.sum, flat)": (lib, lambda k: torch.sum(flat)),
-    }
+    lib = f"step{tag}"
+    return {f"fused AdamW{tag} step (parts)": (lib, _parts(parts, wait))}
 
 
 def _jax_step_cases(jax: Any, data: list[np.ndarray], norm0: float) -> dict[str, tuple[str, Call]]:
-    """``optax.adamw`` jitted (parameters and state donated, as in training) paired with
-    it chained after gradclip's and after optax's ``clip_by_global_norm``; and one read
-    of the same bytes (``jnp.sum`` over one flat buffer). Library ``step-jax``."""
+    """One case of four parts: ``optax.adamw`` jitted with the parameters and the state
+    donated, as in training ("alone"), chained after gradclip's ("gradclip") and
+    after optax's ("optax") ``clip_by_global_norm``, and one read of the same bytes,
+    ``jnp.sum`` over one flat buffer ("read"). Library ``step-jax``."""
     import jax.numpy as jnp
     import optax
 
@@ -350,17 +345,15 @@ def _jax_step_cases(jax: Any, data: list[np.ndarray], norm0: float) -> dict[str,
     grads = [jnp.asarray(x) for x in data]
     flat = jnp.asarray(np.concatenate([x.reshape(-1) for x in data]))
     total = jax.jit(jnp.sum)
-    alone = _jax_train_step(jax, optax.adamw(STEP_LR), grads)
-    out: dict[str, tuple[str, Call]] = {}
+    parts = {"alone": _jax_train_step(jax, optax.adamw(STEP_LR), grads)}
     for name, clip in (
         ("gradclip", gco.clip_by_global_norm),
         ("optax", optax.clip_by_global_norm),
     ):
-        chained = _jax_train_step(jax, optax.chain(clip(norm0 / 2), optax.adamw(STEP_LR)), grads)
-        call = _paired(alone, chained, lambda: None)
-        out[f"optax adamw + {name} clip (jit, paired)"] = ("step-jax", call)
-    out["one read jax (jnp.sum, flat)"] = ("step-jax", lambda k: total(flat))
-    return out
+        chained = optax.chain(clip(norm0 / 2), optax.adamw(STEP_LR))
+        parts[name] = _jax_train_step(jax, chained, grads)
+    parts["read"] = lambda: jax.block_until_ready(total(flat))
+    return {"optax adamw step (jit, parts)": ("step-jax", _parts(parts, lambda: None))}
 
 
 def _jax_train_step(jax: Any, tx: Any, grads: list[Any]) -> Callable[[], Any]:
@@ -469,7 +462,8 @@ def measure(
         k += 1
         if reset is not None:
             reset()
-    times, added = [], []
+    times: list[float] = []
+    parts: dict[str, list[float]] = {}
     _gc.collect()
     _gc.disable()  # as timeit does: no collection inside a timed call
     try:
@@ -478,9 +472,9 @@ def measure(
             result = call(k)
             _wait(result)
             times.append(time.perf_counter() - t0)
-            if isinstance(result, Paired):  # the call's own timings
-                times[-1] = result.clipped
-                added.append(result.clipped - result.alone)
+            if isinstance(result, Parts):  # the call's own timings of its parts
+                for part, t in result.items():
+                    parts.setdefault(part, []).append(t * 1e3)
             k += 1
     finally:
         _gc.enable()
@@ -498,8 +492,8 @@ def measure(
         "extra_bytes": mem,
         "memory_method": how,
     }
-    if added:  # a paired case: what the clip adds to the step, call by call
-        out["added_ms"] = [t * 1e3 for t in added]
+    if parts:
+        out["parts_ms"] = parts
     return out
 
 
@@ -511,8 +505,8 @@ def _every(bound: float) -> dict[str, float]:
 
 
 # (label, numerator, denominator, {set: bound}) ; "bytes" as denominator means the
-# numerator's extra memory over the gradients' bytes; ("added", case) is what the clip
-# of a paired case adds to an optimizer step (the median of the calls' differences)
+# numerator's extra memory over the gradients' bytes; ("part", case, part) is one part
+# of a case of parts, ("added", case, part) what it adds to the case's "alone" part
 GOALS = [
     (
         "torch vs torch foreach",
@@ -594,53 +588,72 @@ GOALS = [
     ),
     (
         "fused AdamW: clip added vs one read",
-        ("added", "fused AdamW step + gradclip in the kernel (paired)"),
-        "one read (torch.sum, flat)",
+        ("added", "fused AdamW step (parts)", "gradclip"),
+        ("part", "fused AdamW step (parts)", "read"),
         {"gpt2-small": 1.2, "resnet-50": 1.2},
     ),
     (
         "fused AdamW: clip added vs torch's added",
-        ("added", "fused AdamW step + gradclip in the kernel (paired)"),
-        ("added", "fused AdamW step + torch clip_grad_norm_ (paired)"),
+        ("added", "fused AdamW step (parts)", "gradclip"),
+        ("added", "fused AdamW step (parts)", "torch"),
         {"gpt2-small": 0.5, "resnet-50": 0.5},
     ),
     (
         "fused AdamW-cuda: clip added vs one read",
-        ("added", "fused AdamW-cuda step + gradclip in the kernel (paired)"),
-        "one read-cuda (torch.sum, flat)",
+        ("added", "fused AdamW-cuda step (parts)", "gradclip"),
+        ("part", "fused AdamW-cuda step (parts)", "read"),
         {"gpt2-small": 1.2, "resnet-50": 1.2},
     ),
     (
         "fused AdamW-cuda: clip added vs torch's added",
-        ("added", "fused AdamW-cuda step + gradclip in the kernel (paired)"),
-        ("added", "fused AdamW-cuda step + torch clip_grad_norm_ (paired)"),
+        ("added", "fused AdamW-cuda step (parts)", "gradclip"),
+        ("added", "fused AdamW-cuda step (parts)", "torch"),
         {"gpt2-small": 0.5, "resnet-50": 0.5},
     ),
     (
         "optax adamw jit: gradclip clip added vs one read",
-        ("added", "optax adamw + gradclip clip (jit, paired)"),
-        "one read jax (jnp.sum, flat)",
+        ("added", "optax adamw step (jit, parts)", "gradclip"),
+        ("part", "optax adamw step (jit, parts)", "read"),
         {},
     ),
     (
         "optax adamw jit: optax clip added vs one read",
-        ("added", "optax adamw + optax clip (jit, paired)"),
-        "one read jax (jnp.sum, flat)",
+        ("added", "optax adamw step (jit, parts)", "optax"),
+        ("part", "optax adamw step (jit, parts)", "read"),
         {},
     ),
 ]
 
-
-def median_ms(runs: dict[str, dict[str, Any]], name: str | tuple[str, str]) -> float:
-    """A case's median time, or for ``("added", case)`` the median of what the clip
-    added to the step in a paired case."""
-    if isinstance(name, tuple):
-        return statistics.median(runs[name[1]]["added_ms"])
-    return runs[name]["median_ms"]
+Spec = str | tuple[str, str, str]
 
 
-def _measured(runs: dict[str, dict[str, Any]], name: str | tuple[str, str]) -> bool:
-    return (name[1] if isinstance(name, tuple) else name) in runs
+def per_call(runs: dict[str, dict[str, Any]], spec: tuple[str, str, str]) -> list[float]:
+    """A part's times, call by call (ms): ``("part", case, part)``, or ``("added",
+    case, part)``: what the part adds to the case's ``"alone"`` part in the same call."""
+    kind, case, part = spec
+    parts = runs[case]["parts_ms"]
+    if kind == "part":
+        return parts[part]
+    return [t - a for t, a in zip(parts[part], parts["alone"])]
+
+
+def median_ms(runs: dict[str, dict[str, Any]], spec: Spec) -> float:
+    """A case's median time, or the median of a part spec's per-call times."""
+    if isinstance(spec, tuple):
+        return statistics.median(per_call(runs, spec))
+    return runs[spec]["median_ms"]
+
+
+def ratio(runs: dict[str, dict[str, Any]], num: Spec, den: Spec) -> float:
+    """``num / den``: of the medians, or for two parts of one case the median of the
+    ratios call by call (a slow spell of the machine falls on both alike)."""
+    if isinstance(num, tuple) and isinstance(den, tuple) and num[1] == den[1]:
+        return statistics.median(a / b for a, b in zip(per_call(runs, num), per_call(runs, den)))
+    return median_ms(runs, num) / median_ms(runs, den)
+
+
+def _measured(runs: dict[str, dict[str, Any]], spec: Spec) -> bool:
+    return (spec[1] if isinstance(spec, tuple) else spec) in runs
 
 
 def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[dict[str, Any]]:
@@ -654,7 +667,7 @@ def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[
                 continue
             value = extra / nbytes
         else:
-            value = median_ms(runs, num) / median_ms(runs, den)
+            value = ratio(runs, num, den)
         goal = bounds.get(set_name)
         out.append(
             {
@@ -749,8 +762,8 @@ def run(
                     else:
                         runs[name]["times_ms"] += m["times_ms"]
                         runs[name]["median_ms"] = statistics.median(runs[name]["times_ms"])
-                        if "added_ms" in m:
-                            runs[name]["added_ms"] += m["added_ms"]
+                        for part, ts in m.get("parts_ms", {}).items():
+                            runs[name]["parts_ms"][part] += ts
             entry = {
                 "set": set_name,
                 "dtype": dtype,
@@ -778,9 +791,9 @@ def table(entry: dict[str, Any]) -> str:
     for name, r in entry["runs"].items():
         mem = "-" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**10:,.0f} KiB"
         lines.append(f"  {name:<52}{r['median_ms']:>11.2f}{mem:>16}  {r['memory_method']}")
-        if "added_ms" in r:
-            added = median_ms(entry["runs"], ("added", name))
-            lines.append(f"  {'  of which the clip (paired difference)':<52}{added:>11.2f}")
+        for part in r.get("parts_ms", {}):
+            t = median_ms(entry["runs"], ("part", name, part))
+            lines.append(f"  {'  part: ' + part:<52}{t:>11.2f}")
     lines.append(f"  {'goal (lower is better)':<52}{'ratio':>11}{'bound':>16}  met")
     for g in entry["ratios"]:
         bound = "-" if g["bound"] is None else f"<= {g['bound']:g}"
@@ -803,14 +816,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"{e['runs'][name]['median_ms']:.2f}" if name in e["runs"] else "-" for e in entries
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if any("added_ms" in e["runs"].get(name, {}) for e in entries):
+        parts = dict.fromkeys(
+            p for e in entries for p in e["runs"].get(name, {}).get("parts_ms", {})
+        )
+        for part in parts:
             cells = [
-                f"{median_ms(e['runs'], ('added', name)):.2f}" if name in e["runs"] else "-"
+                f"{median_ms(e['runs'], ('part', name, part)):.2f}" if name in e["runs"] else "-"
                 for e in entries
             ]
-            lines.append(
-                "| ... of which the clip (paired difference) | " + " | ".join(cells) + " |"
-            )
+            lines.append(f"| ... part: {part} | " + " | ".join(cells) + " |")
     lines += ["", "| goal: ratio (bound) | " + " | ".join(heads) + " |"]
     lines.append("| --- |" + " :---: |" * len(heads))
     goals = list(dict.fromkeys(g["goal"] for e in entries for g in e["ratios"]))
