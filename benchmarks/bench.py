@@ -171,12 +171,15 @@ def cases(data: list[np.ndarray], dtype: str, half: Halver) -> dict[str, tuple[s
             return flat.mul_(0.5)  # one read and write in place
 
         out["floor (sum + mul_, flat)"] = ("floor", floor)
+        out.update(_step_cases(torch, ts, half, "cpu"))
         if _cuda(torch):
             out.update(_cuda_cases(torch, data, half))
 
     jax = _importable("jax")
     if jax is not None:
         out.update(_jax_cases(jax, data, norm0))
+        if _importable("optax") is not None:
+            out.update(_jax_step_cases(jax, data, norm0))
 
     cp = _cupy()
     if cp is not None and dtype != "bfloat16":
@@ -245,6 +248,7 @@ def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, t
     cuda_half = Halver(ts, half.norm0)
     half.others.append(cuda_half)
     return {
+        **_step_cases(torch, ts, cuda_half, "cuda"),
         "floor torch-cuda (copy of 1.5 x bytes)": (
             "cuda",
             _copy_floor(lambda n: torch.ones(n, device="cuda"), data),
@@ -258,6 +262,119 @@ def _cuda_cases(torch: Any, data: list[np.ndarray], half: Halver) -> dict[str, t
             lambda k: torch.nn.utils.clip_grad_norm_(params, cuda_half(k), foreach=True),
         ),
     }
+
+
+STEP_LR = 1e-6  # the optimizer cases' learning rate: the parameters barely move
+
+
+class Parts(dict):
+    """What a case of several parts returns from a call: its own timing (seconds) of
+    each part, run back to back in an order that rotates from call to call, so that a
+    slow spell of the shared machine falls on every part alike. What a clip adds to
+    an optimizer step is a few percent of the step: two separate medians cannot
+    resolve it, the difference within one call can."""
+
+
+def _parts(parts: dict[str, Callable[[], Any]], wait: Callable[[], Any]) -> Call:
+    names = list(parts)
+
+    def call(k: int) -> Parts:
+        times = Parts()
+        r = k % len(names)
+        for name in names[r:] + names[:r]:
+            t0 = time.perf_counter()
+            parts[name]()
+            wait()
+            times[name] = time.perf_counter() - t0
+        return times
+
+    return call
+
+
+def _step_cases(
+    torch: Any, ts: list[Any], half: Halver, device: str
+) -> dict[str, tuple[str, Call]]:
+    """One case of four parts on ``device``: a fused AdamW step over parameters whose
+    ``.grad`` are ``ts`` ("alone"), the same step clipped by gradclip's hook in its
+    kernel ("gradclip": ``grad_scale``, the gradients read once for the norm and
+    written back clipped by the kernel), the same step after torch's
+    ``clip_grad_norm_`` ("torch"), and one read of the same bytes, ``torch.sum`` over
+    one flat buffer ("read"). Each clip halves the gradients. Library ``step``
+    (``step-cuda``)."""
+    import gradclip.torch as gct
+
+    params = []
+    for t in ts:
+        p = torch.nn.Parameter(torch.zeros_like(t))
+        p.grad = t
+        params.append(p)
+    opt = torch.optim.AdamW(params, lr=STEP_LR, fused=True)
+    opt.step()  # the state exists before any case is timed
+    hooked = torch.optim.AdamW(params, lr=STEP_LR, fused=True)
+    hooked.state = opt.state  # the same parameters and moments, with the hook
+    handle = gct.clip_before_step(hooked, half.norm0)
+    flat = torch.zeros(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=device)
+    flat.normal_()
+    wait = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def gradclip_step() -> None:
+        handle.max_norm = half(0)
+        hooked.step()
+
+    def torch_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, half(0))
+        opt.step()
+
+    parts = {"alone": opt.step, "gradclip": gradclip_step, "torch": torch_step}
+    parts["read"] = lambda: torch.sum(flat)
+    tag = "" if device == "cpu" else "-cuda"
+    lib = f"step{tag}"
+    return {f"fused AdamW{tag} step (parts)": (lib, _parts(parts, wait))}
+
+
+def _jax_step_cases(jax: Any, data: list[np.ndarray], norm0: float) -> dict[str, tuple[str, Call]]:
+    """One case of four parts: ``optax.adamw`` jitted with the parameters and the state
+    donated, as in training ("alone"), chained after gradclip's ("gradclip") and
+    after optax's ("optax") ``clip_by_global_norm``, and one read of the same bytes,
+    ``jnp.sum`` over one flat buffer ("read"). Library ``step-jax``."""
+    import jax.numpy as jnp
+    import optax
+
+    import gradclip.optax as gco
+
+    grads = [jnp.asarray(x) for x in data]
+    flat = jnp.asarray(np.concatenate([x.reshape(-1) for x in data]))
+    total = jax.jit(jnp.sum)
+    parts = {"alone": _jax_train_step(jax, optax.adamw(STEP_LR), grads)}
+    for name, clip in (
+        ("gradclip", gco.clip_by_global_norm),
+        ("optax", optax.clip_by_global_norm),
+    ):
+        chained = optax.chain(clip(norm0 / 2), optax.adamw(STEP_LR))
+        parts[name] = _jax_train_step(jax, chained, grads)
+    parts["read"] = lambda: jax.block_until_ready(total(flat))
+    return {"optax adamw step (jit, parts)": ("step-jax", _parts(parts, lambda: None))}
+
+
+def _jax_train_step(jax: Any, tx: Any, grads: list[Any]) -> Callable[[], Any]:
+    """One jitted ``update`` + ``apply_updates`` with the parameters and the state
+    donated and carried from call to call; returns the new parameters, computed."""
+    import jax.numpy as jnp
+    import optax
+
+    def step(g: Any, state: Any, params: Any) -> Any:
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    fn = jax.jit(step, donate_argnums=(1, 2))
+    params = [jnp.zeros_like(g) for g in grads]
+    box = [tx.init(params), params]
+
+    def call() -> Any:
+        box[1], box[0] = fn(grads, box[0], box[1])
+        return jax.block_until_ready(box[1])
+
+    return call
 
 
 # -- timing and memory -------------------------------------------------------------------
@@ -345,14 +462,19 @@ def measure(
         k += 1
         if reset is not None:
             reset()
-    times = []
+    times: list[float] = []
+    parts: dict[str, list[float]] = {}
     _gc.collect()
     _gc.disable()  # as timeit does: no collection inside a timed call
     try:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            _wait(call(k))
+            result = call(k)
+            _wait(result)
             times.append(time.perf_counter() - t0)
+            if isinstance(result, Parts):  # the call's own timings of its parts
+                for part, t in result.items():
+                    parts.setdefault(part, []).append(t * 1e3)
             k += 1
     finally:
         _gc.enable()
@@ -364,12 +486,15 @@ def measure(
         mem, how = _cuda_peak(lambda: call(k)), "cuda-peak"
     else:
         mem, how = _rss_peak_delta(lambda: call(k)), "rss-hwm"
-    return {
+    out = {
         "median_ms": statistics.median(times) * 1e3,
         "times_ms": [t * 1e3 for t in times],
         "extra_bytes": mem,
         "memory_method": how,
     }
+    if parts:
+        out["parts_ms"] = parts
+    return out
 
 
 # -- goals -------------------------------------------------------------------------------
@@ -380,7 +505,8 @@ def _every(bound: float) -> dict[str, float]:
 
 
 # (label, numerator, denominator, {set: bound}) ; "bytes" as denominator means the
-# numerator's extra memory over the gradients' bytes
+# numerator's extra memory over the gradients' bytes; ("part", case, part) is one part
+# of a case of parts, ("added", case, part) what it adds to the case's "alone" part
 GOALS = [
     (
         "torch vs torch foreach",
@@ -460,13 +586,80 @@ GOALS = [
         "gradclip jax-gpu (jit)",
         _every(1.30),
     ),
+    (
+        "fused AdamW: clip added vs one read",
+        ("added", "fused AdamW step (parts)", "gradclip"),
+        ("part", "fused AdamW step (parts)", "read"),
+        {"gpt2-small": 1.2, "resnet-50": 1.2},
+    ),
+    (
+        "fused AdamW: clip added vs torch's added",
+        ("added", "fused AdamW step (parts)", "gradclip"),
+        ("added", "fused AdamW step (parts)", "torch"),
+        {"gpt2-small": 0.5, "resnet-50": 0.5},
+    ),
+    (
+        "fused AdamW-cuda: clip added vs one read",
+        ("added", "fused AdamW-cuda step (parts)", "gradclip"),
+        ("part", "fused AdamW-cuda step (parts)", "read"),
+        {"gpt2-small": 1.2, "resnet-50": 1.2},
+    ),
+    (
+        "fused AdamW-cuda: clip added vs torch's added",
+        ("added", "fused AdamW-cuda step (parts)", "gradclip"),
+        ("added", "fused AdamW-cuda step (parts)", "torch"),
+        {"gpt2-small": 0.5, "resnet-50": 0.5},
+    ),
+    (
+        "optax adamw jit: gradclip clip added vs one read",
+        ("added", "optax adamw step (jit, parts)", "gradclip"),
+        ("part", "optax adamw step (jit, parts)", "read"),
+        {},
+    ),
+    (
+        "optax adamw jit: optax clip added vs one read",
+        ("added", "optax adamw step (jit, parts)", "optax"),
+        ("part", "optax adamw step (jit, parts)", "read"),
+        {},
+    ),
 ]
+
+Spec = str | tuple[str, str, str]
+
+
+def per_call(runs: dict[str, dict[str, Any]], spec: tuple[str, str, str]) -> list[float]:
+    """A part's times, call by call (ms): ``("part", case, part)``, or ``("added",
+    case, part)``: what the part adds to the case's ``"alone"`` part in the same call."""
+    kind, case, part = spec
+    parts = runs[case]["parts_ms"]
+    if kind == "part":
+        return parts[part]
+    return [t - a for t, a in zip(parts[part], parts["alone"])]
+
+
+def median_ms(runs: dict[str, dict[str, Any]], spec: Spec) -> float:
+    """A case's median time, or the median of a part spec's per-call times."""
+    if isinstance(spec, tuple):
+        return statistics.median(per_call(runs, spec))
+    return runs[spec]["median_ms"]
+
+
+def ratio(runs: dict[str, dict[str, Any]], num: Spec, den: Spec) -> float:
+    """``num / den``: of the medians, or for two parts of one case the median of the
+    ratios call by call (a slow spell of the machine falls on both alike)."""
+    if isinstance(num, tuple) and isinstance(den, tuple) and num[1] == den[1]:
+        return statistics.median(a / b for a, b in zip(per_call(runs, num), per_call(runs, den)))
+    return median_ms(runs, num) / median_ms(runs, den)
+
+
+def _measured(runs: dict[str, dict[str, Any]], spec: Spec) -> bool:
+    return (spec[1] if isinstance(spec, tuple) else spec) in runs
 
 
 def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[dict[str, Any]]:
     out = []
     for label, num, den, bounds in GOALS:
-        if num not in runs or (den != "bytes" and den not in runs):
+        if not _measured(runs, num) or (den != "bytes" and not _measured(runs, den)):
             continue
         if den == "bytes":
             extra = runs[num]["extra_bytes"]
@@ -474,7 +667,7 @@ def ratios(runs: dict[str, dict[str, Any]], nbytes: int, set_name: str) -> list[
                 continue
             value = extra / nbytes
         else:
-            value = runs[num]["median_ms"] / runs[den]["median_ms"]
+            value = ratio(runs, num, den)
         goal = bounds.get(set_name)
         out.append(
             {
@@ -569,6 +762,8 @@ def run(
                     else:
                         runs[name]["times_ms"] += m["times_ms"]
                         runs[name]["median_ms"] = statistics.median(runs[name]["times_ms"])
+                        for part, ts in m.get("parts_ms", {}).items():
+                            runs[name]["parts_ms"][part] += ts
             entry = {
                 "set": set_name,
                 "dtype": dtype,
@@ -591,16 +786,19 @@ def table(entry: dict[str, Any]) -> str:
     lines = [
         f"\n{entry['set']}  {entry['dtype']}  ({entry['tensors']} tensors, "
         f"{entry['elements'] / 1e6:.2f} M elements, {entry['bytes'] / 2**20:.1f} MiB)",
-        f"  {'call':<44}{'median ms':>11}{'extra memory':>16}  method",
+        f"  {'call':<52}{'median ms':>11}{'extra memory':>16}  method",
     ]
     for name, r in entry["runs"].items():
         mem = "-" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 2**10:,.0f} KiB"
-        lines.append(f"  {name:<44}{r['median_ms']:>11.2f}{mem:>16}  {r['memory_method']}")
-    lines.append(f"  {'goal (lower is better)':<44}{'ratio':>11}{'bound':>16}  met")
+        lines.append(f"  {name:<52}{r['median_ms']:>11.2f}{mem:>16}  {r['memory_method']}")
+        for part in r.get("parts_ms", {}):
+            t = median_ms(entry["runs"], ("part", name, part))
+            lines.append(f"  {'  part: ' + part:<52}{t:>11.2f}")
+    lines.append(f"  {'goal (lower is better)':<52}{'ratio':>11}{'bound':>16}  met")
     for g in entry["ratios"]:
         bound = "-" if g["bound"] is None else f"<= {g['bound']:g}"
         met = {True: "yes", False: "NO", None: "-"}[g["met"]]
-        lines.append(f"  {g['goal']:<44}{g['ratio']:>11.3f}{bound:>16}  {met}")
+        lines.append(f"  {g['goal']:<52}{g['ratio']:>11.3f}{bound:>16}  {met}")
     return "\n".join(lines)
 
 
@@ -618,6 +816,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"{e['runs'][name]['median_ms']:.2f}" if name in e["runs"] else "-" for e in entries
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        parts = dict.fromkeys(
+            p for e in entries for p in e["runs"].get(name, {}).get("parts_ms", {})
+        )
+        for part in parts:
+            cells = [
+                f"{median_ms(e['runs'], ('part', name, part)):.2f}" if name in e["runs"] else "-"
+                for e in entries
+            ]
+            lines.append(f"| ... part: {part} | " + " | ".join(cells) + " |")
     lines += ["", "| goal: ratio (bound) | " + " | ".join(heads) + " |"]
     lines.append("| --- |" + " :---: |" * len(heads))
     goals = list(dict.fromkeys(g["goal"] for e in entries for g in e["ratios"]))
@@ -667,7 +874,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.hlines(b, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
         ax.set_xticks(range(len(values)), names, fontsize=6, rotation=90)
         ax.set_title(label, fontsize=8)
-        if max(values) > 20 * min(v for v in values if v > 0) if any(values) else False:
+        positive = [v for v in values if v > 0]  # (what a step adds may come out below 0)
+        if positive and max(values) > 20 * min(positive):
             ax.set_yscale("log")
         ax.tick_params(axis="y", labelsize=7)
     m = result["machine"]
@@ -692,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--libraries",
         help="only these cases, e.g. cuda,cupy,jax-gpu on a GPU machine (of: numpy, "
-        "torch, floor, jax, cuda, cupy, jax-gpu)",
+        "torch, floor, jax, cuda, cupy, jax-gpu, and the optimizer steps: step, "
+        "step-jax, step-cuda)",
     )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-plot", action="store_true")

@@ -47,7 +47,7 @@ if [[ $what == ab || $what == all ]]; then
     rc=$((rc | PIPESTATUS[0]))
 fi
 if [[ $what == bench || $what == all ]]; then
-    python3 benchmarks/bench.py --libraries cuda,cupy,jax-gpu --no-plot --out "$OUT" "$@" \
+    python3 benchmarks/bench.py --libraries cuda,cupy,jax-gpu,step-cuda --no-plot --out "$OUT" "$@" \
         2>&1 | tee "$OUT/bench.log"
     rc=$((rc | PIPESTATUS[0]))
 fi

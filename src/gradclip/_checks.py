@@ -24,6 +24,7 @@ from typing import Any
 from . import _compat
 
 __all__ = [
+    "SKIP",
     "check_choice",
     "check_nonfinite",
     "check_nonneg",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 NONFINITE = ("propagate", "raise", "zero")
+SKIP = "skip"  # the whole optimizer step left undone: only an optimizer hook can do that
 _REAL_KINDS = ("int", "float", "low")  # dtype kinds a threshold may have
 
 
@@ -127,8 +129,17 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_nonfinite(nonfinite: Any) -> str:
-    return check_choice(nonfinite, "nonfinite", NONFINITE)
+def check_nonfinite(nonfinite: Any, *, skip: bool = False) -> str:
+    """``nonfinite`` as given: one of ``NONFINITE``, or ``"skip"`` where ``skip`` says
+    the caller can skip a whole optimizer step."""
+    if nonfinite == SKIP and isinstance(nonfinite, str) and not skip:
+        raise ValueError(
+            "nonfinite='skip' leaves a whole optimizer step undone, which a clip alone "
+            "cannot do: use gradclip.torch.clip_before_step(optimizer, ..., "
+            "nonfinite='skip'), or wrap the optax optimizer in "
+            f"gradclip.optax.skip_nonfinite; here pass one of {NONFINITE}"
+        )
+    return check_choice(nonfinite, "nonfinite", (*NONFINITE, SKIP) if skip else NONFINITE)
 
 
 def scalar_or_array(xp: Any, value: Any, dtype: Any, device: Any) -> Any:

@@ -329,6 +329,8 @@ def clip_step(
     state: Any = None,
     norm: Any = None,
     plan: _backends.Plan | None = None,
+    multiply: bool = True,
+    unscale: Any = None,
     process_group: Any = None,
     axis_name: Any = None,
     replicated: Any = None,
@@ -343,6 +345,12 @@ def clip_step(
     ``clip_grads_with_norm_``). Every argument is checked before anything is
     computed. The backend is chosen once per call (here, or by the caller: ``plan``)
     and serves every part of the step.
+
+    ``multiply=False`` stops before the multiply (the leaves are returned as they
+    are, and the caller applies ``scale``: a fused optimizer's kernel). ``unscale``
+    is a loss scale the gradients are still multiplied by (GradScaler's): the norm
+    is divided by it, so the threshold, the clipper and ``Step.norm`` see the
+    unscaled gradients.
     """
     p = _checks.check_ord(ord)
     eps = _checks.check_nonneg(eps, "eps", finite=True)
@@ -357,20 +365,26 @@ def clip_step(
         "sharded": sharded,
     }
     local = all(v is None for v in dist.values())
+    whole = multiply and unscale is None and norm is None and clipper is None
     # (an array eps is an operand of the step, not a compile-time constant)
-    if norm is None and clipper is None and not inplace and local and isinstance(eps, float):
+    if whole and not inplace and local and isinstance(eps, float):
         compiled = plan.compiled(_whole, ord=p, eps=eps, nonfinite=nonfinite)
         if compiled is not None:  # eager JAX: the whole step in one compiled call
             leaves, norm, scale = compiled(max_norm)
             return Step(leaves, norm, max_norm, scale)
     if norm is None:
         norm = _distributed.tree_norm(plan, p, **dist)
+    if unscale is not None:
+        u = _checks.scalar_or_array(tree.xp, unscale, norm.dtype, tree.device)
+        norm = norm / _reference.to_common_device(tree, u)
     if clipper is not None:
         max_norm, state = clipper.threshold(state, norm)
         max_norm = _threshold(tree, norm, max_norm)
     if nonfinite == "raise":
         _raise_if_nonfinite(tree, norm)
     scale = plan.clip_scale(norm, max_norm, eps)
+    if not multiply:
+        return Step(list(tree.leaves), norm, max_norm, scale, state)
     return Step(plan.scale(scale, norm, nonfinite, inplace=inplace), norm, max_norm, scale, state)
 
 

@@ -25,6 +25,7 @@ with ``torch.compile(fullgraph=True)`` and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 import warnings
 from collections.abc import Iterable
@@ -269,13 +270,22 @@ class ClipHandle:
     last_norm, last_threshold : Tensor or None
         The pre-clip global norm and the threshold of the last step (0-d tensors on
         the gradients' device, never read to the host); ``None`` before the first.
+        Under a ``GradScaler`` the norm is that of the unscaled gradients.
     last_clipped : Tensor or None
         A 0-d bool tensor: whether the last step's gradients were scaled down
         (``scale < 1`` with a finite norm; a non-finite ``last_norm`` is not
         counted as clipped).
+    last_skipped : Tensor or None
+        With ``nonfinite="skip"``, a 0-d bool tensor: whether the last step was
+        skipped (a non-finite norm, or a ``GradScaler`` that found an inf);
+        ``None`` otherwise.
     state : NamedTuple or None
         A stateful clipper's state (``None`` for a fixed threshold, and before the
         first step).
+    fused : bool
+        Whether the scale reaches the optimizer's own kernel as ``grad_scale`` (a
+        fused optimizer, ``fuse=True``, and ``nonfinite`` other than ``"zero"``)
+        rather than a separate multiply.
     """
 
     def __init__(
@@ -288,6 +298,8 @@ class ClipHandle:
         process_group: Any = None,
         replicated: Any = None,
         sharded: Any = None,
+        *,
+        fuse: bool = True,
     ) -> None:
         self.optimizer = optimizer
         self._dist = (process_group, replicated, sharded)
@@ -299,13 +311,25 @@ class ClipHandle:
         self.last_norm: torch.Tensor | None = None
         self.last_threshold: torch.Tensor | None = None
         self.last_clipped: torch.Tensor | None = None
-        self._handle = optimizer.register_step_pre_hook(self._hook)
+        self.last_skipped: torch.Tensor | None = None
+        self._kernel = _takes_grad_scale(optimizer)
+        self.fused = bool(fuse) and self._kernel and nonfinite != "zero"
+        # (what was on the optimizer, what this hook gave it) for the running step
+        self._given: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []  # a skipped step's grads
+        self._handles = [
+            optimizer.register_step_pre_hook(self._hook),
+            optimizer.register_step_post_hook(self._after),
+        ]
 
     def remove(self) -> None:
         """Stop clipping this optimizer's steps."""
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._after(self.optimizer, (), {})
 
     def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._after(optimizer, args, kwargs)  # what a step that raised left behind
         params = [p for group in optimizer.param_groups for p in group["params"]]
         tree, dist = _grad_tree(params, *self._dist)
         if tree is None:
@@ -315,25 +339,116 @@ class ClipHandle:
             limit = limit.to(**like)
         elif self.clipper is not None and self.state is None:
             self.state = self.clipper.init(torch.zeros((), **like))
+        # a fused step divides by grad_scale and skips on found_inf in its own kernel
+        kernel = self._kernel and all(g.get("fused", True) for g in optimizer.param_groups)
+        skip = self.nonfinite == _checks.SKIP
         with torch.no_grad():
+            plan = _backends.plan(tree)
             step = _clipping.clip_step(
                 tree,
                 limit,
                 ord=self.p,
                 eps=self.eps,
-                nonfinite=self.nonfinite,
+                nonfinite="propagate" if skip else self.nonfinite,
                 inplace=True,
                 clipper=self.clipper,
                 state=self.state,
+                plan=plan,
+                multiply=False,
+                # a GradScaler's loss scale, still in the gradients (fused optimizers)
+                unscale=getattr(optimizer, "grad_scale", None) if kernel else None,
                 **dist,
             )
-        if self.clipper is not None:
-            self.state = step.state
-        threshold = step.max_norm
-        if not isinstance(threshold, torch.Tensor):  # a checked float: a fill, no host read
-            threshold = torch.full((), threshold, **like)
-        self.last_norm, self.last_threshold = step.norm, threshold
-        self.last_clipped = step.clipped
+            if self.clipper is not None:
+                self.state = step.state
+            threshold = step.max_norm
+            if not isinstance(threshold, torch.Tensor):  # a checked float: a fill, no host read
+                threshold = torch.full((), threshold, **like)
+            self.last_norm, self.last_threshold = step.norm, threshold
+            self.last_clipped = step.clipped
+            bad = self._bad(optimizer, step.norm, kernel) if skip else None
+            if bad is not None and (not kernel or _empty_buffers(optimizer)):
+                # the step cannot skip itself on the device: one host read
+                if bool(bad):
+                    self._hidden = [(p, p.grad) for p in params if p.grad is not None]
+                    for p, _ in self._hidden:
+                        p.grad = None  # an optimizer leaves a parameter without grad alone
+                    return
+                bad = None
+            given: dict[str, Any] = {} if bad is None else {"found_inf": bad.float()}
+            if kernel and self.fused:
+                # the kernel divides by it: 1 / min(1, m / (n + eps)) = max(1, (n + eps) / m)
+                c = torch.reciprocal(step.scale).float()
+                loss_scale = getattr(optimizer, "grad_scale", None)
+                given["grad_scale"] = c if loss_scale is None else loss_scale * c.to(loss_scale)
+            else:
+                scale = step.scale
+                if bad is not None:  # a skipped step's gradients stay as they are
+                    scale = torch.where(bad, torch.ones_like(scale), scale)
+                nonfinite = "zero" if self.nonfinite == "zero" else "propagate"
+                plan.scale(scale, step.norm, nonfinite, inplace=True)
+            if given:
+                before = {k: getattr(optimizer, k, _ABSENT) for k in given}
+                for k, v in given.items():
+                    setattr(optimizer, k, v)
+                self._given = (before, given)
+
+    def _bad(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor, kernel: bool) -> Any:
+        """Whether to skip this step, on the device: a non-finite norm, or a GradScaler
+        that found an inf (its ``found_inf``, on fused optimizers; on the others it
+        skips the step itself)."""
+        bad = ~torch.isfinite(norm)
+        found = getattr(optimizer, "found_inf", None) if kernel else None
+        if found is not None:
+            bad = bad | (found.to(bad.device) > 0)
+        self.last_skipped = bad
+        return bad
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """After the step: put back the optimizer's ``grad_scale``/``found_inf`` as they
+        were (a GradScaler deletes its own after the step) and the hidden gradients."""
+        if self._given is not None:
+            before, given = self._given
+            self._given = None
+            for k, v in given.items():
+                if getattr(optimizer, k, None) is v:  # not replaced since
+                    if before[k] is _ABSENT:
+                        delattr(optimizer, k)
+                    else:
+                        setattr(optimizer, k, before[k])
+        for p, g in self._hidden:
+            if p.grad is None:
+                p.grad = g
+        self._hidden = []
+
+
+_ABSENT = object()  # an attribute the optimizer did not have
+
+
+def _takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` divides the gradients by ``optimizer.grad_scale``
+    and skips itself, step counts included, when ``optimizer.found_inf`` is 1, inside
+    its kernel: torch's fused optimizers (GradScaler's test, without the older
+    contract of a ``grad_scaler`` argument to ``step``)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+
+
+def _empty_buffers(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this is the first step of torch's fused SGD with momentum, which makes
+    its momentum buffers with ``empty_like`` and fills them in the kernel: skipped
+    through ``found_inf``, that step would leave them uninitialised for the next one
+    (torch 2.13), so it is skipped on the host instead."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return False
+    return any(
+        group["momentum"] != 0
+        and p.grad is not None
+        and "momentum_buffer" not in optimizer.state.get(p, ())
+        for group in optimizer.param_groups
+        for p in group["params"]
+    )
 
 
 def clip_before_step(
@@ -343,6 +458,7 @@ def clip_before_step(
     norm_type: float = 2.0,
     eps: float = EPS,
     nonfinite: str = "propagate",
+    fuse: bool = True,
     process_group: Any = None,
     replicated: Any = None,
     sharded: Any = None,
@@ -352,6 +468,15 @@ def clip_before_step(
     Registers an ``optimizer.register_step_pre_hook`` that scales every ``.grad``
     of the optimizer's parameters by ``min(1, max_norm / (norm + eps))``
     (Pascanu et al., arXiv:1211.5063), on the device, and keeps the norm.
+
+    A fused optimizer (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with
+    ``fused=True``) divides every gradient by ``optimizer.grad_scale`` inside its
+    own kernel (and writes it back so divided): there the hook takes the norm and
+    hands the kernel ``max(1, (norm + eps) / max_norm)`` (times a ``GradScaler``'s
+    loss scale), so the gradients are read once for the norm and never multiplied
+    separately; after the step ``.grad`` holds the clipped gradients, as after
+    torch's clip. Under a ``torch.amp.GradScaler`` the clip sees the unscaled
+    gradients; call ``scaler.step(optimizer)`` as usual, without ``scaler.unscale_``.
 
     Parameters
     ----------
@@ -365,18 +490,27 @@ def clip_before_step(
         Any real ``p > 0`` or ``math.inf``.
     eps : float, optional
         Added to the norm; ``1e-6`` as in torch.
-    nonfinite : {"propagate", "raise", "zero"}, optional
+    nonfinite : {"propagate", "raise", "zero", "skip"}, optional
         For a NaN or inf norm: let it flow through (torch's behaviour), raise
-        ``FloatingPointError`` (a host read), or zero every gradient (the step
-        does nothing with SGD).
+        ``FloatingPointError`` (a host read), zero every gradient (plain SGD then
+        does nothing; Adam and momentum still move the parameters), or skip the
+        whole step: parameters, every optimizer state tensor and the step counts
+        stay bit for bit, and so do the gradients. A fused optimizer skips on the
+        device, through ``found_inf``, with no host read (but on the first step of
+        fused SGD with momentum); any other optimizer costs one host read of a flag
+        per step, and a skipped step sees its parameters without gradients.
+    fuse : bool, optional
+        ``True`` (default): hand the scale to a fused optimizer's kernel.
+        ``False``: multiply the gradients separately, as for any other optimizer.
     process_group, replicated, sharded : optional
-        For sharded gradients, as in :func:`clip_grad_norm_`.
+        For sharded gradients, as in :func:`clip_grad_norm_`: every rank gets the
+        same norm, so every rank skips a step or none does.
 
     Returns
     -------
     ClipHandle
-        With ``last_norm``, ``last_threshold``, ``last_clipped``, ``state`` and
-        ``remove()``.
+        With ``last_norm``, ``last_threshold``, ``last_clipped``,
+        ``last_skipped``, ``state`` and ``remove()``.
 
     Examples
     --------
@@ -389,11 +523,21 @@ def clip_before_step(
     >>> w.detach(), handle.last_norm
     (tensor([-0.6000, -0.8000]), tensor(5.))
     >>> handle.remove()
+
+    A fused AdamW skips a step whose norm is NaN without reading it:
+
+    >>> opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    >>> handle = gct.clip_before_step(opt, max_norm=1.0, nonfinite="skip")
+    >>> w.grad = torch.tensor([float("nan"), 1.0])
+    >>> opt.step()
+    >>> w.detach(), opt.state[w]["step"], handle.last_skipped
+    (tensor([-0.6000, -0.8000]), tensor(0.), tensor(True))
     """
     p = _checks.check_ord(norm_type)
     eps = _checks.check_nonneg(eps, "eps")
-    nonfinite = _checks.check_nonfinite(nonfinite)
-    return ClipHandle(optimizer, max_norm, p, eps, nonfinite, process_group, replicated, sharded)
+    nonfinite = _checks.check_nonfinite(nonfinite, skip=True)
+    dist = (process_group, replicated, sharded)
+    return ClipHandle(optimizer, max_norm, p, eps, nonfinite, *dist, fuse=fuse)
 
 
 # -- shared steps ---------------------------------------------------------------------
