@@ -132,7 +132,7 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
 def check_nonfinite(nonfinite: Any, *, skip: bool = False) -> str:
     """``nonfinite`` as given: one of ``NONFINITE``, or ``"skip"`` where ``skip`` says
     the caller can skip a whole optimizer step."""
-    if nonfinite == SKIP and isinstance(nonfinite, str) and not skip:
+    if isinstance(nonfinite, str) and nonfinite == SKIP and not skip:
         raise ValueError(
             "nonfinite='skip' leaves a whole optimizer step undone, which a clip alone "
             "cannot do: use gradclip.torch.clip_before_step(optimizer, ..., "
