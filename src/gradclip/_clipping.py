@@ -231,7 +231,8 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
     """Clip every element to ``[-clip_value, clip_value]``.
 
     ``torch.nn.utils.clip_grad_value_`` and ``optax.clip`` as a function. NaN
-    elements stay NaN.
+    elements stay NaN. A complex element's magnitude is clipped and its phase kept,
+    also for an infinite element (``inf + inf j`` becomes ``clip_value`` at pi/4).
 
     Examples
     --------
@@ -246,12 +247,8 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
     for x in tree.leaves:
         dt = _reference.real_dtype(tree, x)
         c = _checks.scalar_or_array(xp, clip_value, dt, _compat.device(x))
-        if _compat.dtype_kind(xp, x.dtype) == "complex":
-            # complex gradients: clip the magnitude, keep the phase
-            y = x * _reference.clip_scale(xp.abs(x), c)
-        else:
-            y = xp.clip(x, -xp.astype(c, x.dtype), xp.astype(c, x.dtype))
-        out.append(_compat.as_array(xp, y))
+        # complex gradients: the magnitude clipped, the phase kept
+        out.append(_compat.as_array(xp, _reference.clip_values(tree, x, c)))
     return tree.unflatten(out)
 
 

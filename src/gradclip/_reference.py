@@ -23,6 +23,7 @@ __all__ = [
     "axis_norms",
     "cast_scale",
     "clip_scale",
+    "clip_values",
     "combine",
     "divide",
     "example_norms",
@@ -187,6 +188,37 @@ def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
     )
 
 
+def clip_values(tree: Tree, x: Any, c: Any) -> Any:
+    """Leaf ``x`` clipped elementwise to ``[-c, c]`` (``c`` a 0-d array of its real
+    dtype), in ``x``'s dtype; NaN stays NaN. A complex element whose magnitude exceeds
+    ``c`` becomes ``c`` times its direction, also where the magnitude is infinite or
+    overflows (``x * (c / |x|)`` would be ``inf * 0``, NaN there)."""
+    xp = tree.xp
+    if _compat.dtype_kind(xp, x.dtype) != "complex":
+        xn = _compat.native_byte_order(x)  # (NumPy's clip refuses other byte orders)
+        y = xp.clip(xn, -xp.astype(c, xn.dtype), xp.astype(c, xn.dtype))
+    else:
+        y = xp.where(xp.abs(x) <= c, x, c * _direction(xp, x))  # False for NaN, inf
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
+
+
+def _direction(xp: Any, z: Any) -> Any:
+    """``z / |z|`` for complex ``z`` without overflow: its parts divided by the larger
+    one's magnitude first; for an infinite part, the infinite parts' signs (the phase
+    of ``inf + inf j`` is pi/4). NaN where a part is NaN; 0 for 0."""
+    re, im = xp.real(z), xp.imag(z)
+    m = xp.maximum(xp.abs(re), xp.abs(im))
+    inf = xp.isinf(m)
+    zero = xp.zeros_like(m)
+    d = xp.where(inf | ~(m > 0), xp.ones_like(m), m)  # ~(m > 0): 0 and NaN
+    ur = xp.where(inf, xp.where(xp.isinf(re), xp.sign(re), zero), re / d)
+    ui = xp.where(inf, xp.where(xp.isinf(im), xp.sign(im), zero), im / d)
+    r = xp.sqrt(ur * ur + ui * ui)  # in [1, sqrt(2)], or 0 for z = 0
+    r = xp.where(r > 0, r, xp.ones_like(r))
+    j = xp.asarray(1j, dtype=z.dtype, device=_compat.device(z))
+    return xp.astype(ur / r, z.dtype) + xp.astype(ui / r, z.dtype) * j
+
+
 def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list:
     """Every leaf times ``scale`` (all zeros when the norm is not finite and
     ``nonfinite == "zero"``); in place when asked, else new leaves."""
@@ -226,7 +258,9 @@ def scaled(tree: Tree, x: Any, scale: Any) -> Any:
     xp = tree.xp
     if scale.dtype != x.dtype and _compat.dtype_kind(xp, x.dtype) == "low":
         return xp.astype(xp.astype(x, scale.dtype) * scale, x.dtype)
-    return x * scale
+    y = x * scale
+    # NumPy's products are in native byte order: a big-endian leaf keeps its own
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
 
 
 def cast_scale(tree: Tree, cache: dict[Any, Any], scale: Any, x: Any) -> Any:
@@ -250,7 +284,7 @@ def real_dtype(tree: Tree, x: Any) -> Any:
     """The real dtype of leaf ``x`` (float32/float64 for complex leaves)."""
     xp = tree.xp
     if _compat.dtype_kind(xp, x.dtype) == "complex":
-        return xp.float64 if x.dtype == xp.complex128 else xp.float32
+        return _compat.accumulation_dtype(xp, (x.dtype,))  # complex128 in any byte order
     return x.dtype
 
 

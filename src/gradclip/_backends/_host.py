@@ -359,8 +359,10 @@ def norm_of_arrays(arrays: Sequence[np.ndarray], p: float, acc: Any = None) -> f
 
 
 def accumulator(arrays: Iterable[np.ndarray]) -> np.dtype:
-    """float64 when any array is float64, else float32."""
-    return np.dtype(np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32)
+    """float64 when any array is a float wider than 32 bits (in any byte order), else
+    float32."""
+    wide = any(x.dtype.kind == "f" and x.dtype.itemsize > 4 for x in arrays)
+    return np.dtype(np.float64 if wide else np.float32)
 
 
 def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> float:
