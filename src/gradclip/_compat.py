@@ -33,6 +33,7 @@ __all__ = [
     "as_array",
     "default_float",
     "device",
+    "differentiable",
     "dtype_kind",
     "first_unwritable",
     "is_array_api_obj",
@@ -45,6 +46,7 @@ __all__ = [
     "is_torch_namespace",
     "library_name",
     "native_byte_order",
+    "stop_gradient",
     "to_device",
 ]
 
@@ -162,6 +164,22 @@ def native_byte_order(x: Any) -> Any:
     if is_numpy_array(x) and not x.dtype.isnative:
         return x.astype(x.dtype.newbyteorder("="))
     return x
+
+
+def differentiable(xp: Any, v: Any) -> bool:
+    """Whether autodiff may differentiate array ``v``: any JAX array (a trace may be
+    a derivative's), a torch tensor that requires grad."""
+    return is_jax_namespace(xp) or (is_torch_namespace(xp) and v.requires_grad)
+
+
+def stop_gradient(xp: Any, v: Any) -> Any:
+    """``v`` as a constant to automatic differentiation (torch, JAX); ``v`` itself in
+    libraries that do not differentiate."""
+    if is_jax_namespace(xp):
+        return sys.modules["jax"].lax.stop_gradient(v)
+    if is_torch_namespace(xp) and v.requires_grad:
+        return v.detach()
+    return v
 
 
 def default_float(xp: Any, dev: Any) -> Any:

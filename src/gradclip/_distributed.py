@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _backends, _compat, _tree
-from ._reference import divide, safe_scale, scaled_root
+from ._reference import divide, power, safe_scale, scaled_root
 
 __all__ = ["tree_norm"]
 
@@ -110,10 +110,9 @@ def _reduce_norm(
     if math.isinf(p):
         norm = big
     else:
-        r = divide(xp, local, safe_scale(xp, big))
-        norm = scaled_root(
-            xp, big, reduce_sum(r * r if p == 2 else r if p == 1 else xp.pow(r, p)), p
-        )
+        scale = _compat.stop_gradient(xp, big)  # a constant to autodiff, as in _reference
+        r = divide(xp, local, safe_scale(xp, scale))
+        norm = scaled_root(xp, scale, reduce_sum(power(xp, r, p)), p)
     return xp.where(any_nan, xp.full_like(norm, math.nan), norm)
 
 

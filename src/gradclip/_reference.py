@@ -29,6 +29,8 @@ __all__ = [
     "example_norms",
     "leaf_norms",
     "leaf_terms",
+    "norm_grad",
+    "power",
     "real_dtype",
     "safe_scale",
     "scale_leaves",
@@ -79,7 +81,8 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     ``d`` is ``m`` where ``m`` is finite and positive, else 1, so the terms are at
     most 1 for finite leaves and inf/NaN flow into ``s`` otherwise. For ``p = inf``
     ``s`` is unused (``None``). With ``axis``, both are taken over those axes only
-    and have the leaf's rank (the reduced axes kept with size 1).
+    and have the leaf's rank (the reduced axes kept with size 1). For finite ``p``,
+    ``m`` has no derivative (torch, JAX): only ``s`` carries the norm's.
     """
     xp, acc = tree.xp, tree.acc_dtype
     keep = axis is not None
@@ -93,13 +96,17 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     m = xp.max(a, axis=axis, keepdims=keep)
     if math.isinf(p):
         return to_common_device(tree, m), None
+    # The scale is a constant to autodiff: the norm's derivative does not depend on it,
+    # and one taken through it would square it (x / d has -x / d**2 for d, which
+    # overflows in float32 for d = 1e20), where the terms that cancel lose their balance.
+    m = _compat.stop_gradient(xp, m)
     d = safe_scale(xp, m)
     if p == 2 and _compat.dtype_kind(xp, x.dtype) != "complex":
         # the same squares from x itself: XLA then need not keep |x| for a second pass
         y = divide(xp, x if x.dtype == acc else xp.astype(x, acc), d)
     else:
         y = divide(xp, a, d)
-    s = xp.sum(_power(xp, y, p), axis=axis, keepdims=keep)
+    s = xp.sum(power(xp, y, p), axis=axis, keepdims=keep)
     return to_common_device(tree, m), to_common_device(tree, s)
 
 
@@ -116,11 +123,19 @@ def combine(tree: Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
     # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale); an
     # inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
     r = divide(xp, xp.where(ms > 0, safe_scale(xp, ms), xp.zeros_like(ms)), scale)
-    return scaled_root(xp, scale, xp.sum(_power(xp, r, p) * ss, axis=0), p)
+    return scaled_root(xp, scale, xp.sum(power(xp, r, p) * ss, axis=0), p)
 
 
-def _power(xp: Any, y: Any, p: float) -> Any:
-    return y * y if p == 2 else y if p == 1 else xp.pow(y, p)
+def power(xp: Any, y: Any, p: float) -> Any:
+    """``y ** p`` for ``y >= 0`` (inf and NaN kept), with a finite derivative at
+    ``y = 0`` for ``p < 1`` too (0 there: ``pow``'s own is ``p * 0 ** (p - 1)``, inf,
+    and NaN once multiplied by a zero)."""
+    if p == 2:
+        return y * y
+    if p >= 1:
+        return y if p == 1 else xp.pow(y, p)
+    zero = y == 0
+    return xp.where(zero, xp.zeros_like(y), xp.pow(xp.where(zero, xp.ones_like(y), y), p))
 
 
 def divide(xp: Any, x: Any, d: Any) -> Any:
@@ -154,6 +169,41 @@ def scaled_root(xp: Any, d: Any, s: Any, p: float) -> Any:
     return xp.where(pos, d * root, s)
 
 
+def norm_grad(tree: Tree, x: Any, norm: Any, p: float) -> Any:
+    """The derivative of the tree's ``p``-norm ``norm`` (finite ``p``) by leaf ``x``:
+    ``u * (|x| / norm) ** (p - 1)``, ``u = x / |x|`` (the sign of a real ``x``), in the
+    accumulation dtype (its complex one for a complex leaf), on ``x``'s device.
+
+    Formed from the ratio ``|x| / norm``, never a power of ``|x|`` or of the norm on
+    its own, so it is finite wherever the derivative is (an automatic derivative of
+    the scaled form passes the scale's square or reciprocal on the way); a ratio below
+    the smallest normal number (an element far below the norm) is taken through
+    logarithms, where its power may still be large (``p < 1``) or normal. At a zero
+    norm, and at a zero element, it is 0 (for ``p < 1`` a subgradient).
+    """
+    xp, acc = tree.xp, tree.acc_dtype
+    n = _to_device(norm, _leaf_device(x))
+    n = xp.where(n == 0, xp.ones_like(n), n)  # a zero norm: every element is 0 too
+    if _compat.dtype_kind(xp, x.dtype) == "complex":
+        u = _direction(xp, x)
+        a = xp.abs(x)
+    else:
+        y = x if x.dtype == acc else xp.astype(x, acc)
+        if p == 2:
+            return divide(xp, y, n)
+        u, a = xp.sign(y), xp.abs(y)
+    if p == 1:
+        return u
+    r = divide(xp, a, n)
+    tiny = xp.finfo(acc).smallest_normal
+    pos = a > 0
+    # where r underflows, through logarithms (of 1 where unused: no log of 0)
+    a1, r1 = xp.where(pos, a, xp.ones_like(a)), xp.where(r >= tiny, r, xp.ones_like(r))
+    w = xp.where(r >= tiny, xp.pow(r1, p - 1), xp.exp((p - 1) * (xp.log(a1) - xp.log(n))))
+    # a zero element: 0 (for p < 1 it has no finite derivative)
+    return u * xp.where(pos, w, xp.zeros_like(w))
+
+
 def to_common_device(tree: Tree, v: Any) -> Any:
     """Move a per-leaf 0-d result to the first leaf's device (torch/CuPy multi-device)."""
     return _to_device(v, tree.device)
@@ -184,8 +234,21 @@ def clip_scale(norm: Any, /, max_norm: Any, *, eps: float = 0.0) -> Any:
     keep = den <= max_norm  # False for NaN
     one = xp.ones_like(den)
     return _compat.as_array(
-        xp, xp.where(keep, one, divide(xp, max_norm, xp.where(keep, one, den)))
+        xp, xp.where(keep, one, _quotient(xp, max_norm, xp.where(keep, one, den)))
     )
+
+
+def _quotient(xp: Any, m: Any, d: Any) -> Any:
+    """``m / d`` for ``d > 0`` (inf and NaN too), with a derivative by ``d`` that does
+    not underflow where autodiff's would: the value ``(m / d) * exp(log d - log d)``,
+    one ``d`` of each pair a constant, is ``m / d`` bit for bit, and reverse-mode
+    autodiff forms its derivative as ``-(g * (m / d)) / d``, not from ``1 / d**2``
+    (below float32's range for ``d`` beyond 1e19)."""
+    if not _compat.differentiable(xp, d):
+        return divide(xp, m, d)
+    fin = xp.where(xp.isfinite(d), d, xp.ones_like(d))  # (inf, NaN: m / d as it is)
+    c = _compat.stop_gradient(xp, fin)
+    return divide(xp, m, _compat.stop_gradient(xp, d)) * xp.exp(xp.log(c) - xp.log(fin))
 
 
 def clip_values(tree: Tree, x: Any, c: Any) -> Any:
@@ -211,10 +274,10 @@ def _direction(xp: Any, z: Any) -> Any:
     inf = xp.isinf(m)
     zero = xp.zeros_like(m)
     d = xp.where(inf | ~(m > 0), xp.ones_like(m), m)  # ~(m > 0): 0 and NaN
-    ur = xp.where(inf, xp.where(xp.isinf(re), xp.sign(re), zero), re / d)
-    ui = xp.where(inf, xp.where(xp.isinf(im), xp.sign(im), zero), im / d)
+    ur = xp.where(inf, xp.where(xp.isinf(re), xp.sign(re), zero), divide(xp, re, d))
+    ui = xp.where(inf, xp.where(xp.isinf(im), xp.sign(im), zero), divide(xp, im, d))
     r = xp.sqrt(ur * ur + ui * ui)  # in [1, sqrt(2)], or 0 for z = 0
-    r = xp.where(r > 0, r, xp.ones_like(r))
+    r = xp.where(r == 0, xp.ones_like(r), r)
     j = xp.asarray(1j, dtype=z.dtype, device=_compat.device(z))
     return xp.astype(ur / r, z.dtype) + xp.astype(ui / r, z.dtype) * j
 

@@ -48,9 +48,10 @@ from .._checks import scalar_or_array
 from .._tree import Tree
 from . import _host, _native
 
-__all__ = ["TorchPath", "leaf_terms", "select"]
+__all__ = ["AutogradPath", "TorchPath", "leaf_terms", "select"]
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+_COMPLEX = {torch.complex64, torch.complex128}
 _TYPES = {torch.Tensor, torch.nn.Parameter}
 _IS_CPU = operator.attrgetter("is_cpu")
 # the buffer small CPU tensors are concatenated into: at most this share of the
@@ -71,30 +72,33 @@ def _leaf_dtypes(tree: Tree) -> frozenset[Any]:
     return tree.dtypes if tree.dtypes is not None else frozenset(x.dtype for x in tree.leaves)
 
 
-def select(tree: Tree) -> TorchPath | None:
-    """The fast path for plain eager float tensors, or ``None`` where the reference
-    must run (traced, autograd history, other dtypes, tensor subclasses such as
-    DTensor)."""
+def select(tree: Tree) -> TorchPath | AutogradPath | None:
+    """The fast path for eager float tensors (with a derivative of its own for those
+    that require grad), or ``None`` where the reference must run (traced, inside
+    ``torch.func`` transforms, other dtypes, tensor subclasses such as DTensor)."""
     kind = _kind(tree)
+    if kind == "autograd":
+        return AutogradPath(tree)
     return None if kind is None else TorchPath(tree, kind)
 
 
 def _kind(tree: Tree) -> str | None:
-    """``"host"`` for plain CPU tensors, ``"device"`` for other eager tensors."""
+    """``"host"`` for plain CPU tensors, ``"device"`` for other eager tensors,
+    ``"autograd"`` for eager tensors that require grad."""
     leaves = tree.leaves
     if _compat.is_lazy(leaves[0]):
         return None
     types = set(map(type, leaves))
     if not types <= _TYPES:
         return None  # DTensor and other subclasses: their own dispatch, in the reference
-    dtypes = _leaf_dtypes(tree)
-    if not dtypes <= _FLOATS:
-        return None
-    if tree.requires_grad:
-        return None  # autograd history: the reference's ops are differentiable
     if torch._C._functorch.peek_interpreter_stack() is not None and any(
         map(torch._C._functorch.is_functorch_wrapped_tensor, leaves)
     ):  # (wrapped tensors exist only inside a torch.func transform)
+        return None
+    dtypes = _leaf_dtypes(tree)
+    if tree.requires_grad:
+        return "autograd" if dtypes <= _FLOATS | _COMPLEX else None
+    if not dtypes <= _FLOATS:
         return None
     on_cpu = list(map(_IS_CPU, leaves))
     if all(on_cpu):  # plain tensors and Parameters alike: their memory is the host's
@@ -479,3 +483,48 @@ class TorchPath:
         else:
             m = scalar_or_array(self.tree.xp, max_norm, norm.dtype, norm.device)
         return (m / den).masked_fill_(den <= m, 1.0)
+
+
+class AutogradPath:
+    """Tensors that require grad: the reference's norm (finite ``p``) with the
+    derivative of :func:`gradclip._reference.norm_grad`; the reference's scale and
+    multiply, differentiated by autograd."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+
+    def norm(self, p: float) -> Any:
+        if math.isinf(p):  # the largest magnitude: its automatic derivative is exact
+            return None
+        return _Norm.apply(self.tree, p, *self.tree.leaves)
+
+    def scale(self, scale: Any, norm: Any, nonfinite: str, inplace: bool) -> None:
+        return None
+
+
+class _Norm(torch.autograd.Function):
+    """The reference's ``p``-norm of tensors, differentiated by :func:`norm_grad`
+    (finite wherever the derivative is: autograd through the scaled sums would square
+    the scale). Its backward is differentiable in turn (``create_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx: Any, tree: Tree, p: float, *leaves: torch.Tensor) -> torch.Tensor:
+        norm = _reference.tree_norm(tree, p)  # (autograd records nothing in here)
+        ctx.tree, ctx.p = tree, p
+        ctx.save_for_backward(norm, *leaves)
+        return norm
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        norm, *leaves = ctx.saved_tensors
+        tree, p = ctx.tree, ctx.p
+        if torch.is_grad_enabled():  # a derivative of the derivative: the norm's too
+            norm = _Norm.apply(tree, p, *leaves)
+        out: list[Any] = [None, None]
+        for x, need in zip(leaves, ctx.needs_input_grad[2:]):
+            if not need:
+                out.append(None)
+                continue
+            g = _reference.norm_grad(tree, x, norm, p) * grad.to(x.device)
+            out.append(g.to(x.dtype))
+        return tuple(out)
