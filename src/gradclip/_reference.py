@@ -190,11 +190,11 @@ def norm_grad(tree: Tree, x: Any, norm: Any, p: float) -> Any:
     else:
         y = x if x.dtype == acc else xp.astype(x, acc)
         if p == 2:
-            return divide(xp, y, n)
+            return _quotient(xp, y, n)
         u, a = xp.sign(y), xp.abs(y)
     if p == 1:
         return u
-    r = divide(xp, a, n)
+    r = _quotient(xp, a, n)
     tiny = xp.finfo(acc).smallest_normal
     pos = a > 0
     # where r underflows, through logarithms (of 1 where unused: no log of 0)
