@@ -1,7 +1,7 @@
 """The torch backend: blocked norms on the CPU, grouped (foreach) norms elsewhere.
 
-Eager tensors and Parameters only; traced ones, those with autograd history, other
-subclasses (DTensor) and trees spread over the CPU and another device take the
+Eager tensors and Parameters only; traced ones (``torch.compile``, ``torch.func``),
+other subclasses (DTensor) and trees spread over the CPU and another device take the
 reference.
 
 * CPU tensors (plain ones and Parameters): a blocked sum of squares, added in float64
@@ -21,6 +21,9 @@ reference.
   norm rounded once: torch's own launches, no temporaries.
 * Other devices, float64, the inf-norm: the reference's per-leaf terms from
   ``torch._foreach_norm``, combined by :func:`gradclip._reference.combine`.
+* Tensors that require grad: the reference's norm as an autograd function whose
+  derivative, from the ratio ``|x| / norm``, does not overflow where autograd's through
+  the scaled sums would; the reference's scale and multiply.
 * Scaling: ``torch._foreach_mul_`` per group by a 0-d scale tensor: no host read, so
   a clipping step compiles and can be captured in a CUDA graph. On CUDA, 16-bit
   leaves are multiplied by the scale rounded to their dtype, as torch's own clip
