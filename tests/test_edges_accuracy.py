@@ -434,9 +434,12 @@ def test_clip_by_value_keeps_the_phase_of_complex_values(re, im, c, single):
     with np.errstate(over="ignore", invalid="ignore"):
         z = (np.array(re) + 1j * np.array(im[: len(re)])).astype(dt)
         mags = np.abs(z)  # in the leaf's own precision (complex64: inf beyond 3.4e38)
+    tiny = float(np.finfo(dt).smallest_normal)
     for name, conv in _libs().items():
         out = np.asarray(gc.clip_by_value(conv(z), c)).astype(np.complex128)
         for x, mag, y in zip(z.astype(np.complex128), mags, out):
+            if name == "jax" and 0 < mag < tiny:
+                continue  # XLA on the CPU reads a subnormal magnitude as 0 (see below)
             if math.isnan(x.real) or math.isnan(x.imag):
                 assert math.isnan(y.real) or math.isnan(y.imag), (name, x, y)
             elif mag <= c:

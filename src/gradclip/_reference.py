@@ -273,7 +273,7 @@ def _direction(xp: Any, z: Any) -> Any:
     m = xp.maximum(xp.abs(re), xp.abs(im))
     inf = xp.isinf(m)
     zero = xp.zeros_like(m)
-    d = xp.where(inf | ~(m > 0), xp.ones_like(m), m)  # ~(m > 0): 0 and NaN
+    d = xp.where(inf | (m == 0), xp.ones_like(m), m)  # (NaN stays: NaN parts)
     ur = xp.where(inf, xp.where(xp.isinf(re), xp.sign(re), zero), divide(xp, re, d))
     ui = xp.where(inf, xp.where(xp.isinf(im), xp.sign(im), zero), divide(xp, im, d))
     r = xp.sqrt(ur * ur + ui * ui)  # in [1, sqrt(2)], or 0 for z = 0
