@@ -261,8 +261,10 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
     """Clip every element to ``[-clip_value, clip_value]``.
 
     ``torch.nn.utils.clip_grad_value_`` and ``optax.clip`` as a function. NaN
-    elements stay NaN. A ``clip_value`` given as a 0-d array of the gradients'
-    library is not read on the host: a negative or NaN one makes every element NaN.
+    elements stay NaN. A complex element's magnitude is clipped and its phase kept,
+    also for an infinite element (``inf + inf j`` becomes ``clip_value`` at pi/4). A
+    ``clip_value`` given as a 0-d array of the gradients' library is not read on the
+    host: a negative or NaN one makes every element NaN.
 
     Examples
     --------
@@ -280,15 +282,8 @@ def clip_by_value(grads: Any, /, clip_value: Any) -> Any:
         c = _checks.scalar_or_array(xp, clip_value, dt, _compat.device(x))
         if unread:  # NaN bounds give NaN elements
             c = _reference.nan_unless_nonneg(xp, c, c)
-        if _compat.dtype_kind(xp, x.dtype) == "complex":
-            # complex gradients: clip the magnitude, keep the phase
-            y = x * _reference.clip_scale(xp.abs(x), c)
-        elif _tree.size(x) is None:  # a shape Dask knows once computed (clip needs it)
-            c = xp.astype(c, x.dtype)
-            y = xp.minimum(xp.maximum(x, -c), c)
-        else:
-            y = xp.clip(x, -xp.astype(c, x.dtype), xp.astype(c, x.dtype))
-        out.append(_compat.as_array(xp, y))
+        # complex gradients: the magnitude clipped, the phase kept
+        out.append(_compat.as_array(xp, _reference.clip_values(tree, x, c)))
     return tree.unflatten(out)
 
 

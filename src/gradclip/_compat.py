@@ -33,6 +33,7 @@ __all__ = [
     "as_array",
     "default_float",
     "device",
+    "differentiable",
     "dtype_kind",
     "first_overlap",
     "first_unstrided",
@@ -46,6 +47,8 @@ __all__ = [
     "is_torch_array",
     "is_torch_namespace",
     "library_name",
+    "native_byte_order",
+    "stop_gradient",
     "to_device",
 ]
 
@@ -425,6 +428,30 @@ def as_array(xp: Any, y: Any) -> Any:
     return xp.asarray(y) if _aac.is_numpy_namespace(xp) else y
 
 
+def native_byte_order(x: Any) -> Any:
+    """``x`` in the machine's byte order: a copy for a big-endian NumPy array on a
+    little-endian machine (which some NumPy functions refuse), else ``x`` itself."""
+    if is_numpy_array(x) and not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def differentiable(xp: Any, v: Any) -> bool:
+    """Whether autodiff may differentiate array ``v``: any JAX array (a trace may be
+    a derivative's), a torch tensor that requires grad."""
+    return is_jax_namespace(xp) or (is_torch_namespace(xp) and v.requires_grad)
+
+
+def stop_gradient(xp: Any, v: Any) -> Any:
+    """``v`` as a constant to automatic differentiation (torch, JAX); ``v`` itself in
+    libraries that do not differentiate."""
+    if is_jax_namespace(xp):
+        return sys.modules["jax"].lax.stop_gradient(v)
+    if is_torch_namespace(xp) and v.requires_grad:
+        return v.detach()
+    return v
+
+
 def default_float(xp: Any, dev: Any) -> Any:
     """The namespace's default real floating dtype on ``dev``."""
     try:
@@ -434,13 +461,15 @@ def default_float(xp: Any, dev: Any) -> Any:
 
 
 def accumulation_dtype(xp: Any, dtypes: Any) -> Any:
-    """float64 if any dtype is (complex) double precision, else float32."""
-    f64 = getattr(xp, "float64", None)
-    c128 = getattr(xp, "complex128", None)
+    """float64 if any dtype is a floating dtype wider than 32 bits (its real part, for
+    complex ones): float64, complex128, and those in another byte order; else float32."""
+    f32, c64 = xp.float32, getattr(xp, "complex64", None)
     for dt in dtypes:
-        if dt == f64 or (c128 is not None and dt == c128):
-            return f64
-    return xp.float32
+        if dt == f32 or (c64 is not None and dt == c64):  # the common case, first
+            continue
+        if dtype_kind(xp, dt) in ("float", "complex") and xp.finfo(dt).bits > 32:
+            return xp.float64
+    return f32
 
 
 # keyed by the namespace's name, not the module: torch.compile cannot hash a module
@@ -448,8 +477,9 @@ _KINDS: dict[tuple[str, Any], str] = {}
 
 
 def dtype_kind(xp: Any, dt: Any) -> str:
-    """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"int"``,
-    ``"bool"`` or ``"other"`` (cached: it runs once per leaf per call)."""
+    """``"low"`` (16-bit or narrower float), ``"float"``, ``"complex"``, ``"long"``
+    (long double, wider than float64), ``"int"``, ``"bool"`` or ``"other"`` (cached:
+    it runs once per leaf per call)."""
     key = (xp.__name__, dt)
     try:
         return _KINDS[key]
@@ -472,8 +502,18 @@ def _dtype_kind(xp: Any, dt: Any) -> str:
         ("complex", "complex floating"),
     ):
         try:
-            if xp.isdtype(dt, key):
-                return kind
+            if not xp.isdtype(dt, key):
+                continue
+            if kind in ("float", "complex") and _bits(xp, dt) > 64:
+                return "long"  # NumPy's long double (float128, complex256)
+            return kind
         except TypeError:  # dtypes unknown to the namespace (ml_dtypes in NumPy)
             break
     return "other"
+
+
+def _bits(xp: Any, dt: Any) -> int:
+    try:
+        return int(xp.finfo(dt).bits)
+    except (TypeError, ValueError):  # a namespace whose finfo knows only its own dtypes
+        return 0

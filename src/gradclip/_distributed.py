@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _backends, _compat, _tree
-from ._reference import divide, safe_scale, scaled_root
+from ._reference import divide, power, safe_scale, scaled_root
 
 __all__ = ["Layout", "tree_norm"]
 
@@ -216,11 +216,9 @@ def _reduce_norm(tree: _tree.Tree, local: Any, reduce: Reduce, p: float) -> Any:
     n = local if wide is None else xp.astype(local, wide)
     nan = xp.isnan(n)
     both = reduce(xp.stack([xp.where(nan, xp.zeros_like(n), n), xp.astype(nan, n.dtype)]), "max")
-    big = both[0]
+    big = _compat.stop_gradient(xp, both[0])  # a constant to autodiff, as in _reference
     r = divide(xp, n, safe_scale(xp, big))
-    norm = scaled_root(
-        xp, big, reduce(r * r if p == 2 else r if p == 1 else xp.pow(r, p), "sum"), p
-    )
+    norm = scaled_root(xp, big, reduce(power(xp, r, p), "sum"), p)
     norm = xp.where(both[1] > 0, xp.full_like(norm, math.nan), norm)
     return norm if norm.dtype == acc else xp.astype(norm, acc)
 

@@ -25,6 +25,7 @@ __all__ = [
     "axis_norms",
     "cast_scale",
     "clip_scale",
+    "clip_values",
     "combine",
     "divide",
     "element_count",
@@ -32,6 +33,8 @@ __all__ = [
     "leaf_norms",
     "leaf_terms",
     "nan_unless_nonneg",
+    "norm_grad",
+    "power",
     "real_dtype",
     "safe_scale",
     "scale_leaves",
@@ -84,7 +87,8 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     ``d`` is ``m`` where ``m`` is finite and positive, else 1, so the terms are at
     most 1 for finite leaves and inf/NaN flow into ``s`` otherwise. For ``p = inf``
     ``s`` is unused (``None``). With ``axis``, both are taken over those axes only
-    and have the leaf's rank (the reduced axes kept with size 1).
+    and have the leaf's rank (the reduced axes kept with size 1). For finite ``p``,
+    ``m`` has no derivative (torch, JAX): only ``s`` carries the norm's.
     """
     xp, acc = tree.xp, tree.acc_dtype
     keep = axis is not None
@@ -101,13 +105,17 @@ def leaf_terms(tree: Tree, x: Any, p: float, axis: tuple[int, ...] | None = None
     m = xp.max(a, axis=axis, keepdims=keep)
     if math.isinf(p):
         return to_common_device(tree, m), None
+    # The scale is a constant to autodiff: the norm's derivative does not depend on it,
+    # and one taken through it would square it (x / d has -x / d**2 for d, which
+    # overflows in float32 for d = 1e20), where the terms that cancel lose their balance.
+    m = _compat.stop_gradient(xp, m)
     d = safe_scale(xp, m)
     if p == 2 and n is not None and _compat.dtype_kind(xp, x.dtype) != "complex":
         # the same squares from x itself: XLA then need not keep |x| for a second pass
         y = divide(xp, x if x.dtype == acc else xp.astype(x, acc), d)
     else:
         y = divide(xp, a, d)
-    s = xp.sum(_power(xp, y, p), axis=axis, keepdims=keep)
+    s = xp.sum(power(xp, y, p), axis=axis, keepdims=keep)
     return to_common_device(tree, m), to_common_device(tree, s)
 
 
@@ -158,7 +166,7 @@ def combine(tree: Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
         # A zero leaf weighs 0 (its divisor of 1 could overflow against a tiny scale);
         # an inf/NaN leaf weighs 1 and its inf/NaN sum flows through.
         r = divide(xp, xp.where(m > 0, safe_scale(xp, m), xp.zeros_like(m)), scale)
-        return _power(xp, r, p) * s
+        return power(xp, r, p) * s
 
     if fold:
         total = functools.reduce(operator.add, (weighted(m, s) for m, s in terms))
@@ -167,8 +175,16 @@ def combine(tree: Tree, terms: list[tuple[Any, Any]], p: float) -> Any:
     return scaled_root(xp, scale, total, p)
 
 
-def _power(xp: Any, y: Any, p: float) -> Any:
-    return y * y if p == 2 else y if p == 1 else xp.pow(y, p)
+def power(xp: Any, y: Any, p: float) -> Any:
+    """``y ** p`` for ``y >= 0`` (inf and NaN kept), with a finite derivative at
+    ``y = 0`` for ``p < 1`` too (0 there: ``pow``'s own is ``p * 0 ** (p - 1)``, inf,
+    and NaN once multiplied by a zero)."""
+    if p == 2:
+        return y * y
+    if p >= 1:
+        return y if p == 1 else xp.pow(y, p)
+    zero = y == 0
+    return xp.where(zero, xp.zeros_like(y), xp.pow(xp.where(zero, xp.ones_like(y), y), p))
 
 
 def divide(xp: Any, x: Any, d: Any) -> Any:
@@ -200,6 +216,41 @@ def scaled_root(xp: Any, d: Any, s: Any, p: float) -> Any:
     root = xp.sqrt(s_safe) if p == 2 else s_safe if p == 1 else xp.pow(s_safe, 1.0 / p)
     # s itself where it is 0 (the norm is 0) or NaN (the norm is NaN)
     return xp.where(pos, d * root, s)
+
+
+def norm_grad(tree: Tree, x: Any, norm: Any, p: float) -> Any:
+    """The derivative of the tree's ``p``-norm ``norm`` (finite ``p``) by leaf ``x``:
+    ``u * (|x| / norm) ** (p - 1)``, ``u = x / |x|`` (the sign of a real ``x``), in the
+    accumulation dtype (its complex one for a complex leaf), on ``x``'s device.
+
+    Formed from the ratio ``|x| / norm``, never a power of ``|x|`` or of the norm on
+    its own, so it is finite wherever the derivative is (an automatic derivative of
+    the scaled form passes the scale's square or reciprocal on the way); a ratio below
+    the smallest normal number (an element far below the norm) is taken through
+    logarithms, where its power may still be large (``p < 1``) or normal. At a zero
+    norm, and at a zero element, it is 0 (for ``p < 1`` a subgradient).
+    """
+    xp, acc = tree.xp, tree.acc_dtype
+    n = _to_device(norm, _leaf_device(x))
+    n = xp.where(n == 0, xp.ones_like(n), n)  # a zero norm: every element is 0 too
+    if _compat.dtype_kind(xp, x.dtype) == "complex":
+        u = _direction(xp, x)
+        a = xp.abs(x)
+    else:
+        y = x if x.dtype == acc else xp.astype(x, acc)
+        if p == 2:
+            return _quotient(xp, y, n)
+        u, a = xp.sign(y), xp.abs(y)
+    if p == 1:
+        return u
+    r = _quotient(xp, a, n)
+    tiny = xp.finfo(acc).smallest_normal
+    pos = a > 0
+    # where r underflows, through logarithms (of 1 where unused: no log of 0)
+    a1, r1 = xp.where(pos, a, xp.ones_like(a)), xp.where(r >= tiny, r, xp.ones_like(r))
+    w = xp.where(r >= tiny, xp.pow(r1, p - 1), xp.exp((p - 1) * (xp.log(a1) - xp.log(n))))
+    # a zero element: 0 (for p < 1 it has no finite derivative)
+    return u * xp.where(pos, w, xp.zeros_like(w))
 
 
 def to_common_device(tree: Tree, v: Any) -> Any:
@@ -241,7 +292,7 @@ def clip_scale(norm: Any, /, max_norm: Any, *, eps: Any = 0.0) -> Any:
         den, unread = norm + e, [*unread, e]
     keep = den <= m  # False for NaN
     one = xp.ones_like(den)
-    scale = xp.where(keep, one, divide(xp, m, xp.where(keep, one, den)))
+    scale = xp.where(keep, one, _quotient(xp, m, xp.where(keep, one, den)))
     return _compat.as_array(xp, nan_unless_nonneg(xp, scale, *unread))
 
 
@@ -255,6 +306,52 @@ def nan_unless_nonneg(xp: Any, x: Any, *limits: Any) -> Any:
     for m in limits:
         x = xp.where(m >= 0, x, xp.full_like(x, math.nan))
     return x
+
+
+def _quotient(xp: Any, m: Any, d: Any) -> Any:
+    """``m / d`` for ``d > 0`` (inf and NaN too), with a derivative by ``d`` that does
+    not underflow where autodiff's would: the value ``(m / d) * exp(log d - log d)``,
+    one ``d`` of each pair a constant, is ``m / d`` bit for bit, and reverse-mode
+    autodiff forms its derivative as ``-(g * (m / d)) / d``, not from ``1 / d**2``
+    (below float32's range for ``d`` beyond 1e19)."""
+    if not _compat.differentiable(xp, d):
+        return divide(xp, m, d)
+    fin = xp.where(xp.isfinite(d), d, xp.ones_like(d))  # (inf, NaN: m / d as it is)
+    c = _compat.stop_gradient(xp, fin)
+    return divide(xp, m, _compat.stop_gradient(xp, d)) * xp.exp(xp.log(c) - xp.log(fin))
+
+
+def clip_values(tree: Tree, x: Any, c: Any) -> Any:
+    """Leaf ``x`` clipped elementwise to ``[-c, c]`` (``c`` a 0-d array of its real
+    dtype), in ``x``'s dtype; NaN stays NaN. A complex element whose magnitude exceeds
+    ``c`` becomes ``c`` times its direction, also where the magnitude is infinite or
+    overflows (``x * (c / |x|)`` would be ``inf * 0``, NaN there)."""
+    xp = tree.xp
+    if _compat.dtype_kind(xp, x.dtype) != "complex":
+        xn = _compat.native_byte_order(x)  # (NumPy's clip refuses other byte orders)
+        cn = xp.astype(c, xn.dtype)
+        # (clip needs a shape; one Dask knows only once computed takes min and max)
+        y = xp.clip(xn, -cn, cn) if size(xn) is not None else xp.minimum(xp.maximum(xn, -cn), cn)
+    else:
+        y = xp.where(xp.abs(x) <= c, x, c * _direction(xp, x))  # False for NaN, inf
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
+
+
+def _direction(xp: Any, z: Any) -> Any:
+    """``z / |z|`` for complex ``z`` without overflow: its parts divided by the larger
+    one's magnitude first; for an infinite part, the infinite parts' signs (the phase
+    of ``inf + inf j`` is pi/4). NaN where a part is NaN; 0 for 0."""
+    re, im = xp.real(z), xp.imag(z)
+    m = xp.maximum(xp.abs(re), xp.abs(im))
+    inf = xp.isinf(m)
+    zero = xp.zeros_like(m)
+    d = xp.where(inf | (m == 0), xp.ones_like(m), m)  # (NaN stays: NaN parts)
+    ur = xp.where(inf, xp.where(xp.isinf(re), xp.sign(re), zero), divide(xp, re, d))
+    ui = xp.where(inf, xp.where(xp.isinf(im), xp.sign(im), zero), divide(xp, im, d))
+    r = xp.sqrt(ur * ur + ui * ui)  # in [1, sqrt(2)], or 0 for z = 0
+    r = xp.where(r == 0, xp.ones_like(r), r)
+    j = xp.asarray(1j, dtype=z.dtype, device=_compat.device(z))
+    return xp.astype(ur / r, z.dtype) + xp.astype(ui / r, z.dtype) * j
 
 
 def scale_leaves(tree: Tree, scale: Any, norm: Any, nonfinite: str, *, inplace: bool) -> list:
@@ -300,7 +397,9 @@ def scaled(tree: Tree, x: Any, scale: Any) -> Any:
     xp = tree.xp
     if scale.dtype != x.dtype and _compat.dtype_kind(xp, x.dtype) == "low":
         return xp.astype(xp.astype(x, scale.dtype) * scale, x.dtype)
-    return x * scale
+    y = x * scale
+    # NumPy's products are in native byte order: a big-endian leaf keeps its own
+    return y if y.dtype == x.dtype else xp.astype(y, x.dtype)
 
 
 def cast_scale(tree: Tree, cache: dict[Any, Any], scale: Any, x: Any) -> Any:
@@ -324,7 +423,7 @@ def real_dtype(tree: Tree, x: Any) -> Any:
     """The real dtype of leaf ``x`` (float32/float64 for complex leaves)."""
     xp = tree.xp
     if _compat.dtype_kind(xp, x.dtype) == "complex":
-        return xp.float64 if x.dtype == xp.complex128 else xp.float32
+        return _compat.accumulation_dtype(xp, (x.dtype,))  # complex128 in any byte order
     return x.dtype
 
 

@@ -315,6 +315,12 @@ def _promote_or_raise(
         kind = _compat.dtype_kind(xp, x.dtype)
         if kind == "int" and promote_int:
             out[i] = xp.astype(x, _compat.default_float(xp, _compat.device(x)))
+        elif kind == "long":
+            raise TypeError(
+                f"{paths[i]} has dtype {x.dtype}, wider than float64, which gradclip does "
+                "not take: its norm is accumulated in float64, which cannot hold values "
+                "beyond float64's range; cast the leaf to float64 (x.astype(np.float64))"
+            )
         elif kind not in ("low", "float", "complex"):
             hint = (
                 "; integer gradients are promoted only by the functional form, "
@@ -329,8 +335,11 @@ def _promote_or_raise(
 
 
 def _namespace(leaves: Sequence[Any], paths: Sequence[str]) -> Any:
-    """The one namespace of all leaves; a ``TypeError`` naming two that differ."""
-    if len(set(map(type, leaves))) == 1:
+    """The one namespace of all leaves; a ``TypeError`` naming two that differ, or a
+    masked array."""
+    types = set(map(type, leaves))
+    _reject_masked(types, leaves, paths)
+    if len(types) == 1:
         return _compat.array_namespace(leaves[0])
     seen: dict[type, tuple[Any, int]] = {}
     first: tuple[Any, int] | None = None
@@ -350,6 +359,34 @@ def _namespace(leaves: Sequence[Any], paths: Sequence[str]) -> Any:
             )
     assert first is not None
     return first[0]
+
+
+def _masked_types() -> tuple[type, ...]:
+    """The masked array types of the libraries loaded (none exist before their module
+    is imported, so nothing is imported here)."""
+    out = []
+    ma = sys.modules.get("numpy.ma")
+    if ma is not None:
+        out.append(ma.MaskedArray)
+    masked = sys.modules.get("torch.masked")
+    if masked is not None and hasattr(masked, "MaskedTensor"):
+        out.append(masked.MaskedTensor)
+    return tuple(out)
+
+
+def _reject_masked(types: set[type], leaves: Sequence[Any], paths: Sequence[str]) -> None:
+    """A ``TypeError`` naming the first masked leaf: a mask is not honoured anywhere
+    (the fast paths read the data under it, the reference may not), so none is taken."""
+    masked = _masked_types()
+    if not masked or not any(issubclass(t, masked) for t in types):
+        return
+    i = next(i for i, x in enumerate(leaves) if isinstance(x, masked))
+    raise TypeError(
+        f"{paths[i]} is a masked array ({type(leaves[i]).__module__}."
+        f"{type(leaves[i]).__qualname__}), which gradclip does not take: masks are not "
+        "honoured; pass the values with the masked ones filled in (NumPy: x.filled(0), "
+        "torch: x.to_tensor(0)) or the data under the mask (x.data, x.get_data())"
+    )
 
 
 def check_same_structure(a: Tree, b: Tree, names: tuple[str, str]) -> None:

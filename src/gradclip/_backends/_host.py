@@ -5,15 +5,18 @@ Large arrays are cut into chunks of ``CHUNK`` elements (views, never copies), sm
 ones grouped into runs, and the threads of :mod:`._native`'s pool take these units
 one by one (NumPy releases the GIL).
 
-The 2-norm is a blocked sum: a BLAS dot per ``DOT`` elements (rows of ``ROW`` for
-values with few significant bits, see :func:`_dot`), or the C kernel for contiguous
-bfloat16 and float32 chunks, the parts added in float64. When the total lies well
-inside the accumulation dtype's range, nothing was lost to overflow or underflow and
-its root is the norm to a few ulps; otherwise (inf, NaN, huge or tiny values) every
-chunk is summed again exactly (float32 as float64, float64 scaled by its largest
-magnitude). 16-bit chunks are widened a piece at a time into a small float32 buffer
-per thread; the buffers, the only arrays allocated, stay under ``BUFFER_SHARE`` of
-the gradients' bytes.
+The 2-norm is a blocked sum, its parts added in double. In a float32 accumulation no
+float32 lane adds more than a few squares: the C kernel sums contiguous bfloat16 and
+float32 chunks (float32 lanes over short rows, the rows added in double) and a
+float32 buffer the others are widened into; without the kernels every chunk is
+widened into a float64 buffer, where a float32 value's square is exact, and summed by
+a BLAS dot. Either way the sum is accurate for any input and any layout of the
+values, and no square overflows or underflows. In a float64 accumulation a BLAS dot
+per ``DOT`` elements; when the total may have lost something to overflow or
+underflow (inf, NaN, huge or tiny values), every chunk is summed again, scaled by its
+largest magnitude. 16-bit and strided chunks are widened a piece at a time into a
+small buffer per thread; the buffers, the only arrays allocated, stay under
+``BUFFER_SHARE`` of the gradients' bytes.
 """
 
 from __future__ import annotations
@@ -29,21 +32,28 @@ import numpy as np
 from . import _native
 from ._native import CHUNK
 
-__all__ = ["accumulator", "is_safe", "norm_of_arrays", "scale_arrays", "sum_of_squares"]
+__all__ = [
+    "accumulator",
+    "is_safe",
+    "norm_of_arrays",
+    "scale_arrays",
+    "sum_dtype",
+    "sum_of_squares",
+    "sumsq",
+]
 
-DOT = 1 << 18  # elements per BLAS dot: a float32 dot drifts past 1e-7 on longer runs
+# elements per float64 BLAS dot: OpenBLAS runs a longer ddot (over 10000) on threads of
+# its own, 10 to 100 times slower beside the pool's threads or on a busy machine
+DOT = 1 << 13
 BUFFER_SHARE = 0.008  # the buffers of all threads, as a share of the gradients' bytes
 SMALL_SIZE = 1 << 22  # below this many elements, half the share: the call's fixed costs
 # (Python objects, NumPy's ufunc buffers: a few KiB) count against the same 1 %
 BUFFER_MAX = 1 << 17  # elements of one thread's buffer (larger ones fall out of L2)
-# a total sum of squares inside these bounds lost nothing to overflow, and nothing
-# that matters to underflow (each square's absolute error is below 2**-149)
-_SAFE_TOTAL = {
-    np.dtype(np.float32): (2.0**-60, 2.0**120),
-    np.dtype(np.float64): (2.0**-900, 2.0**900),
-}
-# a chunk's sum of squares inside these bounds is accurate on its own
-_SAFE = {np.dtype(np.float32): (2.0**-100, 2.0**120), np.dtype(np.float64): (2.0**-960, 2.0**960)}
+# a float64 total sum of squares inside these bounds lost nothing to overflow, and
+# nothing that matters to underflow (each square's absolute error is below 2**-1074)
+_SAFE_TOTAL = (2.0**-900, 2.0**900)
+# a float64 chunk's sum of squares inside these bounds is accurate on its own
+_SAFE = (2.0**-960, 2.0**960)
 
 
 def chunks(x: np.ndarray) -> Iterable[np.ndarray]:
@@ -170,21 +180,33 @@ def _native_chunk(c: np.ndarray) -> bool:
     )
 
 
+def sum_dtype(acc: Any) -> np.dtype:
+    """The dtype the squares of an ``acc`` accumulation are summed in: float32 (the C
+    kernel, whose rows are added in double) where the kernels are built, else float64,
+    whose squares of float32 values are exact and whose BLAS dot is accurate to
+    ``n * 2**-53`` in any order of addition. A float32 BLAS dot is not: it adds
+    thousands of squares in each of a few float32 lanes, and where one lane holds a
+    large square, the small ones after it are lost (1e-4 of the norm, or worse)."""
+    if np.dtype(acc) == np.float32 and _native.lib is not None:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
 def _packed(
     ts: Iterable[np.ndarray],
-    acc: np.dtype,
+    dtype: np.dtype,
     nbuf: int,
     reduce: Callable[[np.ndarray], Any],
     exact: Callable[[float], Any],
 ) -> Iterator[Any]:
-    """``reduce`` of every chunk BLAS can take as it is (1-D, of dtype ``acc``), and of
-    the others widened into a buffer of ``nbuf`` elements: packed (one concatenation
-    per run of 1-D pieces), reduced when full. Nothing is lost: the buffer holds each
-    element once, converted exactly. In a float32 accumulation, contiguous bfloat16
-    and float32 chunks are summed by the C kernel when it is built, whose exact sum
-    ``exact`` puts in ``reduce``'s form."""
-    buf = np.empty(0, dtype=acc)
-    native = acc == np.float32  # (its float32 lanes: not for float64 accuracy)
+    """``reduce`` of every chunk, summed in ``dtype`` (:func:`sum_dtype`): float64
+    chunks that are 1-D as they are, the others widened into a buffer of ``nbuf``
+    elements: packed (one concatenation per run of 1-D pieces), reduced when full.
+    Nothing is lost: the buffer holds each element once, converted exactly. In float32,
+    contiguous bfloat16 and float32 chunks are summed by the C kernel as they are, and
+    the buffer by the kernel too; ``exact`` puts the kernel's sum in ``reduce``'s form."""
+    buf = np.empty(0, dtype=dtype)
+    native = dtype == np.float32
     batch: list[np.ndarray] = []  # 1-D pieces to be written at buf[fill:used]
     fill = used = 0
 
@@ -200,18 +222,18 @@ def _packed(
         write_batch()
         b = buf[:used]
         fill = used = 0
-        return reduce(b)
+        return exact(_native.sumsq(b)) if native else reduce(b)
 
     for c in ts:
         one_d = c.ndim == 1
         if native and _native_chunk(c):
             yield exact(_native.sumsq(c))
             continue
-        if one_d and c.dtype == acc:  # BLAS takes it as it is
+        if one_d and c.dtype == dtype and not native:  # BLAS takes it as it is
             yield reduce(c)
             continue
         if not buf.size:
-            buf = np.empty(nbuf, dtype=acc)
+            buf = np.empty(nbuf, dtype=dtype)
         n = c.size
         if one_d and n <= nbuf:  # a small leaf (thousands of them): no generator
             if used + n > nbuf:
@@ -234,81 +256,57 @@ def _packed(
         yield flush()
 
 
-ROW = 1 << 10  # elements per row of a chunk whose values have few significant bits
-SHORT_BITS = 0x3FF  # float32 values with these low bits clear have 14 significant bits
-# or fewer (bfloat16 and float16 values, widened or stored as float32)
-SAMPLE = 32  # the first elements of a chunk, looked at for those bits
-# SHORT_BITS in each of SAMPLE float32 elements (a Python int: one `&` looks at them all)
-_SHORT_MASK = int.from_bytes(SHORT_BITS.to_bytes(4, "little") * SAMPLE, "little")
-
-
 def _dot(c: np.ndarray) -> float:
-    """The sum of squares of ``c`` (1-D, float32 or float64): a BLAS dot per ``DOT``
-    elements (the fastest read), or :func:`_dot_rows` when the first ``SAMPLE`` float32 elements
-    have no bit of ``SHORT_BITS`` set. A dot adds a whole chunk in a few float32
-    lanes; the rounding errors of full float32 squares cancel there (a dot over 2^18
-    normals is off by ~1e-7, over 2^20 by ~1e-6), but those of values with few
-    significant bits do not: over 2^18 of them it is off by up to ~1e-5, by rows of
-    ``ROW`` an ulp or two."""
-    sampled = c.dtype == np.float32 and c.shape[0] > ROW
-    if sampled and not int.from_bytes(c[:SAMPLE].tobytes(), "little") & _SHORT_MASK:
-        return _dot_rows(c)
+    """The sum of squares of ``c`` (1-D, float64): a BLAS dot per ``DOT`` elements,
+    each accurate to ``DOT * 2**-53``."""
     if c.shape[0] > DOT:  # a dot each (``vecdot`` would hold the GIL)
         return sum(float(np.dot(d, d)) for d in _pieces(c, DOT))
     return float(np.dot(c, c))
 
 
-def _dot_rows(c: np.ndarray) -> float:
-    """The sum of squares of ``c`` (1-D, float32 or float64): a dot per row of
-    ``ROW`` elements (``np.vecdot``, BLAS per row; ``einsum`` before NumPy 2), the
-    rows added in float64."""
-    r = c.shape[0] // ROW * ROW
+def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
+    """The sum of the chunks' sums of squares (in :func:`sum_dtype` of ``acc``), in
+    float64: one read of the memory."""
+    return sum(_packed(ts, sum_dtype(acc), nbuf, _dot, float), 0.0)
+
+
+def sumsq(b: np.ndarray, acc: Any) -> float:
+    """The sum of squares of a 1-D array ``b`` (of any float dtype) for an ``acc``
+    accumulation, accurate for any values: the C kernel (:func:`sum_dtype` float32,
+    ``b`` contiguous bfloat16 or float32), else a float64 BLAS dot, ``b`` widened to
+    float64 ``EXACT_PIECE`` elements at a time when it is not float64."""
+    if sum_dtype(acc) == np.float32 and _native_chunk(b):
+        return _native.sumsq(b)
+    if b.dtype == np.float64:
+        return _dot(b)
+    wide = np.empty(min(b.shape[0], EXACT_PIECE), dtype=np.float64)
     total = 0.0
-    if r:
-        rows = c[:r].reshape(-1, ROW)
-        total = float(_rowdots(rows, rows).sum(dtype=np.float64))
-    if r < c.shape[0]:
-        tail = c[r:]
-        total += float(np.dot(tail, tail))
+    for piece in _pieces(b, EXACT_PIECE):
+        w = wide[: piece.shape[0]]
+        np.copyto(w, piece, casting="unsafe")
+        total += _dot(w)
     return total
 
 
-def _einsum_rowdots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", a, b)
-
-
-_rowdots = getattr(np, "vecdot", _einsum_rowdots)
-
-
-def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
-    """The sum of the chunks' sums of squares, in float64 (one read of the memory)."""
-    return sum(_packed(ts, acc, nbuf, _dot, float), 0.0)
-
-
-EXACT_PIECE = 1 << 14  # elements widened or divided at a time in the exact path
+EXACT_PIECE = 1 << 14  # elements widened or divided at a time (128 KiB of float64)
 
 
 def _sumsq(c: np.ndarray) -> tuple[float, float]:
-    """``(d, s)`` with ``d**2 * s`` the sum of squares of ``c`` (1-D, float32 or
-    float64), computed without overflow or underflow, and without a temporary larger
-    than ``EXACT_PIECE`` elements."""
-    if _native_chunk(c):  # a float32 chunk (or buffer): the C kernel's sum is exact
-        return 1.0, _native.sumsq(c)
-    s = _dot_rows(c)
-    lo, hi = _SAFE[c.dtype]
+    """``(d, s)`` with ``d**2 * s`` the sum of squares of ``c`` (1-D, float64),
+    computed without overflow or underflow, and without a temporary larger than
+    ``EXACT_PIECE`` elements."""
+    s = _dot(c)
+    lo, hi = _SAFE
     if lo <= s <= hi or (s == 0 and not c.any()):
         return 1.0, s
-    pieces = _pieces(c, EXACT_PIECE)
-    if c.dtype == np.float32:  # squares of float32 values are exact-range in float64
-        return 1.0, sum(_dot_rows(p.astype(np.float64)) for p in pieces)
     m = _maxabs(c)
     d = m if math.isfinite(m) and m > 0 else 1.0
-    return d, sum(_dot_rows(p / d) for p in pieces)
+    return d, sum(_dot(p / d) for p in _pieces(c, EXACT_PIECE))
 
 
-def _exact_terms(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> list[tuple[float, float]]:
-    """``(d, s)`` per chunk or buffer, exact (:func:`_sumsq`)."""
-    return list(_packed(ts, acc, nbuf, _sumsq, lambda s: (1.0, s)))
+def _exact_terms(ts: Iterable[np.ndarray], nbuf: int) -> list[tuple[float, float]]:
+    """``(d, s)`` per chunk or buffer of a float64 accumulation, exact (:func:`_sumsq`)."""
+    return list(_packed(ts, np.dtype(np.float64), nbuf, _sumsq, lambda s: (1.0, s)))
 
 
 def _combine2(pairs: list[tuple[float, float]]) -> float:
@@ -352,44 +350,51 @@ def norm_of_arrays(arrays: Sequence[np.ndarray], p: float, acc: Any = None) -> f
         total = sum_of_squares(arrays, acc, size)
         if is_safe(total, acc):
             return math.sqrt(total)
-        # an inf or NaN, huge or tiny values, or zeros: every chunk again, exactly
-        nbuf = _buffer_size(size, acc.itemsize)
-        parts = _run(arrays, lambda ts: _exact_terms(ts, acc, nbuf), size)
+        # float64: an inf or NaN, huge or tiny values, or zeros: every chunk again,
+        # each scaled by its largest magnitude
+        nbuf = _buffer_size(size, 8)
+        parts = _run(arrays, lambda ts: _exact_terms(ts, nbuf), size)
     return _combine2([pair for part in parts for pair in part])
 
 
 def accumulator(arrays: Iterable[np.ndarray]) -> np.dtype:
-    """float64 when any array is float64, else float32."""
-    return np.dtype(np.float64 if any(x.dtype == np.float64 for x in arrays) else np.float32)
+    """float64 when any array is a float wider than 32 bits (in any byte order), else
+    float32."""
+    wide = any(x.dtype.kind == "f" and x.dtype.itemsize > 4 for x in arrays)
+    return np.dtype(np.float64 if wide else np.float32)
 
 
 def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> float:
-    """The blocked sum of squares (a dot per chunk, in ``acc``, the chunks added in
-    float64): accurate when :func:`is_safe`; inf or NaN elements make it inf or NaN."""
+    """The blocked sum of squares of ``arrays`` (``size`` elements), in float64: for a
+    float32 accumulation ``acc`` accurate for any input (inf and NaN propagate); for
+    float64 a dot per chunk, accurate when :func:`is_safe`."""
     acc = np.dtype(acc)
+    dtype = sum_dtype(acc)
     total = 0.0
-    if acc == np.float32:  # the C kernels take the contiguous float32/bfloat16 arrays
+    if dtype == np.float32:  # the C kernels take the contiguous float32/bfloat16 arrays
         parts, arrays = _native_run_groups(arrays, size, "sumsq_table")
         total = sum(parts)
         if not arrays:
             return total
         size = sum(x.size for x in arrays)
     n_threads = _native.threads_for(size)
-    nbuf = _buffer_size(size, acc.itemsize)
-    widened = {x.dtype for x in arrays} - {acc}
-    if _native.lib is not None and acc == np.float32:  # the C kernel: without the GIL
-        widened.discard(_native.BF16)
+    nbuf = _buffer_size(size, dtype.itemsize)
+    widened = {x.dtype for x in arrays} - {dtype, _native.BF16 if dtype == np.float32 else None}
     if nbuf < BUFFERED_PARALLEL_MIN and widened:
-        n_threads, nbuf = 1, _buffer_size(size, acc.itemsize, 1)
+        n_threads, nbuf = 1, _buffer_size(size, dtype.itemsize, 1)
     with np.errstate(over="ignore", invalid="ignore"):
         parts = _run(arrays, lambda ts: _plain_sum(ts, acc, nbuf), size, threads=n_threads)
     return total + sum(parts)
 
 
 def is_safe(total: float, acc: Any) -> bool:
-    """True when a sum of squares accumulated in ``acc`` lost nothing that matters to
-    overflow or underflow (False for inf and NaN)."""
-    lo, hi = _SAFE_TOTAL[np.dtype(acc)]
+    """True when a sum of squares of :func:`sum_of_squares` is the norm's square to
+    the accumulation's accuracy: any float32 one (its squares are summed in double,
+    where none of a float32 value overflows or underflows); a float64 one that lies
+    well inside float64's range (False for inf and NaN, which the exact path sorts)."""
+    if np.dtype(acc) == np.float32:
+        return True
+    lo, hi = _SAFE_TOTAL
     return lo <= total <= hi
 
 

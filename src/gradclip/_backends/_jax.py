@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,12 +32,14 @@ _BOUNDS = {
     jnp.dtype(jnp.float64): (2.0**-900, 2.0**900),
 }
 _REAL = {jnp.dtype(t) for t in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)}
+_FLOATING = _REAL | {jnp.dtype(jnp.complex64), jnp.dtype(jnp.complex128)}
 
 
 def select(tree: Tree) -> JaxPath | None:
-    """The fast path for trees of real floating point JAX arrays."""
+    """The fast path for trees of floating point JAX arrays (complex ones: the
+    reference's norm, with its derivative, and the reference compiled)."""
     dtypes = tree.dtypes if tree.dtypes is not None else {x.dtype for x in tree.leaves}
-    if not all(jnp.dtype(dt) in _REAL for dt in dtypes):
+    if not all(jnp.dtype(dt) in _FLOATING for dt in dtypes):
         return None
     tracer = jax.core.Tracer  # (one pass over the leaves' types, in C)
     return JaxPath(tree, any(issubclass(t, tracer) for t in set(map(type, tree.leaves))))
@@ -76,10 +79,38 @@ SMALL = 1 << 16  # leaves up to this size are concatenated: one reduction, not t
 
 
 def traced_norm(tree: Tree, p: float) -> Any:
-    """The global norm of a (traced or concrete) tree, to a few ulps of the reference."""
-    if p != 2:
+    """The global norm of a (traced or concrete) tree, to a few ulps of the reference;
+    for finite ``p`` with the derivative of :func:`gradclip._reference.norm_grad`."""
+    if math.isinf(p):  # the largest magnitude: its automatic derivative is exact
+        return _reference.tree_norm(tree, p)
+    return _smooth_norm(list(tree.leaves), p)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _smooth_norm(leaves: list[Any], p: float) -> Any:
+    """The ``p``-norm of ``leaves``: for real 2-norms one read of each leaf (the plain
+    sum, guarded, on the CPU; the ladder elsewhere), else the reference."""
+    tree = flatten(leaves)
+    if p != 2 or not all(jnp.dtype(dt) in _REAL for dt in {x.dtype for x in leaves}):
         return _reference.tree_norm(tree, p)
     return jax.lax.platform_dependent(parts(tree), cpu=guarded_norm, default=ladder_norm)
+
+
+@_smooth_norm.defjvp
+def _smooth_norm_jvp(
+    p: float, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[Any, Any]:
+    # d|x|_p = sum Re(conj(g) dx), g from the ratio |x| / norm: finite wherever the
+    # derivative is, where one through the scaled sums would square the scale (or
+    # through the ladder's unused rungs, whose squares overflowed, give inf * 0)
+    (leaves,), (dleaves,) = primals, tangents
+    norm = _smooth_norm(leaves, p)
+    tree = flatten(leaves)
+    dot = sum(
+        jnp.real(jnp.vdot(g, dx.astype(g.dtype)))
+        for g, dx in zip((_reference.norm_grad(tree, x, norm, p) for x in leaves), dleaves)
+    )
+    return norm, jnp.asarray(dot, norm.dtype)
 
 
 def parts(tree: Tree) -> list[Any]:

@@ -5,8 +5,9 @@
  * a BLAS dot per chunk of float32 is slower than one read of the memory. These loops
  * read each element once:
  *
- *   sumsq(x)        the sum of squares: float32 lanes per row of 1024 elements (a
- *                   bfloat16 value's square is exact in float32), the rows added in
+ *   sumsq(x)        the sum of squares: float32 lanes per row of 1024 elements, each
+ *                   lane adding blocks of 8 squares (a row's sum is then within
+ *                   16 * 2^-24 of exact, whatever the values), the rows added in
  *                   double; a row whose float32 sum could have overflowed or lost its
  *                   tiny squares is summed again in double, where no square of a
  *                   finite float32 value overflows or underflows. So any finite input
@@ -38,6 +39,12 @@
 #endif
 
 #define ROW 1024
+/* Squares a lane adds before its sum joins the row's: a square then passes through at
+ * most 7 + 3 + 5 float32 additions (the block, the row's lane, the pairwise end), so a
+ * row's sum is within 16 * 2^-24 of exact whatever the values. A lane that starts
+ * with a large square and adds small ones after it loses each small one entirely: 31
+ * of them, when a lane added its 32 squares in one sum, were 2e-6 of the row. */
+#define BLOCK 8
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -64,21 +71,28 @@ static inline uint16_t f32_to_bf16(float f) {
 
 /* ---- the sum of squares, for each element type ------------------------------- */
 
-/* 32 float32 lanes over one row (vectorised: no reassociation needed), then added
- * pairwise: a chain of 5 adds, not 31, at the end of each row. The same operations in
- * every version; with FMA (x86 CPUs that have AVX2 have it) each square is added
- * unrounded: the float32 sums may differ in the last bits, bfloat16 ones not at all
- * (a bfloat16 value's square is exact in float32). Two versions, picked at run time:
- * AVX2 with FMA, and the baseline (no AVX2 clone of it: every AVX2 CPU takes the
- * first). */
+/* 32 float32 lanes over one row (vectorised: no reassociation needed), each adding
+ * blocks of BLOCK squares, then added pairwise: a chain of 5 adds, not 31, at the end
+ * of each row. The same operations in every version; with FMA (x86 CPUs that have AVX2
+ * have it) each square is added unrounded: the float32 sums may differ in the last
+ * bits. Two versions, picked at run time: AVX2 with FMA, and the baseline (no AVX2
+ * clone of it: every AVX2 CPU takes the first). */
 #define ROW_SUMSQ(LOAD)                                                                    \
     {                                                                                      \
-        float acc[32] = {0};                                                               \
-        for (int j = 0; j < ROW; j += 32)                                                  \
+        float acc[32], part[32];                                                           \
+        for (int k = 0; k < 32; k++) acc[k] = 0.0f;                                        \
+        for (int j = 0; j < ROW; j += 32 * BLOCK) {                                        \
             for (int k = 0; k < 32; k++) {                                                 \
                 float v = LOAD(x, j + k);                                                  \
-                acc[k] += v * v;                                                           \
+                part[k] = v * v;                                                           \
             }                                                                              \
+            for (int b = j + 32; b < j + 32 * BLOCK; b += 32)                              \
+                for (int k = 0; k < 32; k++) {                                             \
+                    float v = LOAD(x, b + k);                                              \
+                    part[k] += v * v;                                                      \
+                }                                                                          \
+            for (int k = 0; k < 32; k++) acc[k] += part[k];                                \
+        }                                                                                  \
         for (int w = 16; w > 0; w /= 2)                                                    \
             for (int k = 0; k < w; k++) acc[k] += acc[k + w];                              \
         return acc[0];                                                                     \

@@ -1,21 +1,29 @@
 """The torch backend: blocked norms on the CPU, grouped (foreach) norms elsewhere.
 
-Plain eager tensors only; traced ones, those with autograd history and subclasses
-(DTensor) take the reference.
+Eager tensors and Parameters only; traced ones (``torch.compile``, ``torch.func``),
+other subclasses (DTensor) and trees spread over the CPU and another device take the
+reference.
 
-* CPU tensors: a blocked sum of squares, added in float64 and checked on the host
-  (CPU memory is host memory: reading it waits on nothing). Contiguous bfloat16
-  and float32 tensors go to the C kernels of :mod:`._native` in tables of
-  addresses; where those are missing, large tensors are summed as rows of ``BLOCK``
-  elements (short rows keep torch's float32 lanes accurate), small ones
-  concatenated in batches into a bounded buffer (one call per batch, not per
-  tensor), strided ones through :mod:`._host` on zero-copy NumPy views. A total that
-  could have overflowed or underflowed is recomputed exactly by the host path.
+* CPU tensors (plain ones and Parameters): a blocked sum of squares, added in float64
+  and checked on the host (CPU memory is host memory: reading it waits on nothing).
+  Contiguous bfloat16 and float32 tensors go to the C kernels of :mod:`._native` in
+  tables of addresses; the others are summed by :func:`._host.sumsq` (the kernel, or
+  float64 dots where it is missing): large tensors on NumPy views (16-bit ones
+  widened by torch into a bounded float32 buffer), small ones concatenated in
+  batches into a bounded buffer (one call per batch, not per tensor), strided ones
+  through :mod:`._host`. No float32 lane adds more than a few squares, so the sum is
+  accurate for any layout of the values; a float64 total that could have overflowed
+  or underflowed is recomputed exactly by the host path. Views with the negative bit
+  set are read without it (their magnitudes are the same, and scaling commutes with
+  the negation).
 * CUDA, 2-norm of 16/32-bit floats: one ``torch._foreach_norm(..., dtype=float64)``
   per (device, dtype) group (no finite float32 square overflows in float64), their
   norm rounded once: torch's own launches, no temporaries.
 * Other devices, float64, the inf-norm: the reference's per-leaf terms from
   ``torch._foreach_norm``, combined by :func:`gradclip._reference.combine`.
+* Tensors that require grad: the reference's norm as an autograd function whose
+  derivative, from the ratio ``|x| / norm``, does not overflow where autograd's through
+  the scaled sums would; the reference's scale and multiply.
 * Scaling: ``torch._foreach_mul_`` per group by a 0-d scale tensor: no host read, so
   a clipping step compiles and can be captured in a CUDA graph. On CUDA, 16-bit
   leaves are multiplied by the scale rounded to their dtype, as torch's own clip
@@ -43,9 +51,10 @@ from .._checks import scalar_or_array
 from .._tree import Tree
 from . import _host, _native
 
-__all__ = ["TorchPath", "leaf_terms", "select"]
+__all__ = ["AutogradPath", "TorchPath", "leaf_terms", "select"]
 
 _FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+_COMPLEX = {torch.complex64, torch.complex128}
 _TYPES = {torch.Tensor, torch.nn.Parameter}
 _IS_CPU = operator.attrgetter("is_cpu")
 # the buffer small CPU tensors are concatenated into: at most this share of the
@@ -56,47 +65,57 @@ WIDE_MAX = 1 << 18  # elements of the float32 buffer 16-bit tensors are widened 
 # torch's own 16-bit multiply beats widening them through the float32 buffer; past
 # it, out of the cache, the buffer is faster
 WIDE_MIN_BYTES = 1 << 26
-DOT_MAX = 1 << 12  # one float32 BLAS dot is accurate to an ulp or two up to this length
-BLOCK = 1 << 10  # elements per row of a large tensor's blocked norm (torch sums a row in
-# a few float32 lanes: its error grows with the row)
+# elements of 16-bit tensors widened at a time for the norm: torch's grain size, so the
+# copy runs on the calling thread (a longer one wakes torch's OpenMP workers, which then
+# spin beside the C kernel or NumPy that sums the piece: several times slower)
+WIDEN_PIECE = 1 << 15
 
 
 def _leaf_dtypes(tree: Tree) -> frozenset[Any]:
     return tree.dtypes if tree.dtypes is not None else frozenset(x.dtype for x in tree.leaves)
 
 
-def select(tree: Tree) -> TorchPath | None:
-    """The fast path for plain eager float tensors, or ``None`` where the reference
-    must run (traced, autograd history, other dtypes, tensor subclasses such as
-    DTensor)."""
+def select(tree: Tree) -> TorchPath | AutogradPath | None:
+    """The fast path for eager float tensors (with a derivative of its own for those
+    that require grad), or ``None`` where the reference must run (traced, inside
+    ``torch.func`` transforms, other dtypes, tensor subclasses such as DTensor)."""
     kind = _kind(tree)
+    if kind == "autograd":
+        return AutogradPath(tree)
     return None if kind is None else TorchPath(tree, kind)
 
 
 def _kind(tree: Tree) -> str | None:
-    """``"host"`` for plain CPU tensors, ``"device"`` for other eager tensors."""
+    """``"host"`` for plain CPU tensors, ``"device"`` for other eager tensors,
+    ``"autograd"`` for eager tensors that require grad."""
     leaves = tree.leaves
     if _compat.is_lazy(leaves[0]):
         return None
     types = set(map(type, leaves))
     if not types <= _TYPES:
         return None  # DTensor and other subclasses: their own dispatch, in the reference
-    dtypes = _leaf_dtypes(tree)
-    if not dtypes <= _FLOATS:
-        return None
-    if tree.requires_grad:
-        return None  # autograd history: the reference's ops are differentiable
     if torch._C._functorch.peek_interpreter_stack() is not None and any(
         map(torch._C._functorch.is_functorch_wrapped_tensor, leaves)
     ):  # (wrapped tensors exist only inside a torch.func transform)
         return None
-    host = types == {torch.Tensor} and all(map(_IS_CPU, leaves))
-    if host and torch.bfloat16 in dtypes:
-        host = _importable("ml_dtypes")
-    return "host" if host else "device"
+    dtypes = _leaf_dtypes(tree)
+    if tree.requires_grad:
+        return "autograd" if dtypes <= _FLOATS | _COMPLEX else None
+    if not dtypes <= _FLOATS:
+        return None
+    on_cpu = list(map(_IS_CPU, leaves))
+    if all(on_cpu):  # plain tensors and Parameters alike: their memory is the host's
+        return "host" if torch.bfloat16 not in dtypes or _importable("ml_dtypes") else None
+    # on the CPU, torch's foreach norm sums thousands of squares per float32 lane
+    return None if any(on_cpu) else "device"
 
 
 def _numpy_view(x: torch.Tensor) -> Any:
+    """A zero-copy NumPy view of CPU tensor ``x``, for its norm: a view with the
+    negative bit set (``x.conj().imag``, ``torch._neg_view``) is read without it, the
+    values negated and their magnitudes the same."""
+    if x.is_neg():
+        x = torch._neg_view(x)
     if x.dtype == torch.bfloat16:
         import ml_dtypes
 
@@ -178,8 +197,9 @@ def _np_dtype(acc: Any) -> Any:
 
 
 def _host_norm(t: TorchPath, p: float) -> Any:
-    """The norm of plain CPU tensors, added in float64 and checked on the host: the C
-    kernels, rows of large tensors, batches of small ones, strided ones on NumPy views."""
+    """The norm of CPU tensors, added in float64 and checked on the host: the C
+    kernels, large tensors a piece at a time, batches of small ones, strided ones on
+    NumPy views; every float32 lane adds a few squares at most (:mod:`._host`)."""
     acc = t.tree.acc_dtype
     np_acc = _np_dtype(acc)
     if math.isinf(p):
@@ -209,13 +229,26 @@ def _host_norm(t: TorchPath, p: float) -> Any:
             else:  # strided: NumPy's blocked sum over a view
                 big.append(_numpy_view(x))
                 big_size += n
-    total += _host.sum_of_squares(big, np_acc, big_size) if big else 0.0
-    total += _blocked_sum(rows, acc, t.wide_size)
-    total += _concatenated_sum(small, acc, nbuf, t.one_group, small_sizes)
-    if not _host.is_safe(total, np_acc):  # every tensor again, exactly
+    with np.errstate(over="ignore", invalid="ignore"):  # float64: checked by is_safe
+        total += _host.sum_of_squares(big, np_acc, big_size) if big else 0.0
+        total += _blocked_sum(rows, np_acc, t.wide_size)
+        total += _concatenated_sum(small, np_acc, nbuf, t.one_group, small_sizes)
+    if not _host.is_safe(total, np_acc):  # float64: every tensor again, exactly
         views = [_numpy_view(x) for x in t.tree.leaves]
         return torch.tensor(_host.norm_of_arrays(views, p, np_acc), dtype=acc)
     return torch.tensor(math.sqrt(total), dtype=acc)
+
+
+def _mul_(xs: list[torch.Tensor], s: torch.Tensor) -> None:
+    """``torch._foreach_mul_(xs, s)``, also for views with the negative bit set, which
+    it refuses (before it writes any tensor): their memory, read without the bit, is
+    scaled instead (the negated values times ``s``: the same product)."""
+    try:
+        torch._foreach_mul_(xs, s)
+    except RuntimeError:
+        if not any(map(torch.Tensor.is_neg, xs)):
+            raise
+        torch._foreach_mul_([torch._neg_view(x) if x.is_neg() else x for x in xs], s)
 
 
 def _widened_mul_(
@@ -229,7 +262,7 @@ def _widened_mul_(
         large = [i for i, n in enumerate(sizes) if n >= nbuf // 4 and xs[i].is_contiguous()]
     if len(large) < len(xs):
         skip = set(large)
-        torch._foreach_mul_([x for i, x in enumerate(xs) if i not in skip] if skip else xs, s)
+        _mul_([x for i, x in enumerate(xs) if i not in skip] if skip else xs, s)
     if not large:
         return
     buf = torch.empty(nbuf, dtype=torch.float32)
@@ -274,44 +307,31 @@ def _run_native(xs: Sequence[torch.Tensor], kernel: Callable, *args: Any) -> lis
 
 
 def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
-    """The sum of squares of contiguous tensors as rows of ``BLOCK`` elements, one
-    torch call per tensor (16-bit ones widened piece by piece into a float32 buffer of
-    ``nbuf`` elements, a multiple of ``BLOCK``)."""
-    norms: list[torch.Tensor] = []
-    buf = rows = None
+    """The sum of squares of contiguous CPU tensors for an ``acc`` accumulation (NumPy
+    dtype), accurate for any values (:func:`._host.sumsq`): float32 and float64 ones
+    on NumPy views, 16-bit ones widened by torch (whose casts are vectorised, NumPy's
+    float16 one is not) into a float32 buffer of at most ``nbuf`` elements."""
+    total = 0.0
+    wide = None
     for x in xs:
-        v = x.view(-1)
         if x.dtype in (torch.float32, torch.float64):
-            _row_norms(v, acc, norms)
+            total += _host.sumsq(_numpy_view(x).reshape(-1), acc)
             continue
-        if buf is None:
-            buf = torch.empty(nbuf, dtype=torch.float32)
-            rows = buf.view(-1, BLOCK)  # (nbuf is a multiple of BLOCK)
-        for piece in torch.split(v, nbuf):
-            whole = piece.numel() == nbuf  # the whole buffer: no views to make
-            b = buf if whole else buf[: piece.numel()]
-            b.copy_(piece)
-            _row_norms(b, acc, norms, rows if whole else None)
-    return _sum_of_squares(norms)
+        if wide is None:
+            wide = torch.empty(min(nbuf, WIDEN_PIECE), dtype=torch.float32)
+        total += _widened_sum(x.view(-1), wide, acc)
+    return total
 
 
-def _sum_of_squares(norms: list[torch.Tensor]) -> float:
-    return float(torch.cat(norms).to(torch.float64).square().sum()) if norms else 0.0
-
-
-def _row_norms(
-    v: torch.Tensor, acc: Any, out: list[torch.Tensor], rows: torch.Tensor | None = None
-) -> None:
-    """The norms of ``v``'s rows of ``BLOCK`` elements (and of its shorter tail), in
-    ``acc``, onto ``out``; ``rows``: ``v`` already viewed as rows, when it has no tail."""
-    if rows is not None:
-        out.append(torch.linalg.vector_norm(rows, dim=1, dtype=acc))
-        return
-    r = v.numel() // BLOCK
-    if r:
-        out.append(torch.linalg.vector_norm(v[: r * BLOCK].view(r, BLOCK), dim=1, dtype=acc))
-    if v.numel() > r * BLOCK:
-        out.append(torch.linalg.vector_norm(v[r * BLOCK :], dtype=acc).view(1))
+def _widened_sum(v: torch.Tensor, wide: torch.Tensor, acc: Any) -> float:
+    """The sum of squares of 1-D 16-bit tensor ``v``, widened into the float32 buffer
+    ``wide`` a piece at a time (at most ``WIDEN_PIECE`` elements)."""
+    total = 0.0
+    for piece in torch.split(v, wide.numel()):
+        b = wide[: piece.numel()]
+        b.copy_(piece)
+        total += _host.sumsq(b.numpy(), acc)
+    return total
 
 
 def _concatenated_sum(
@@ -321,10 +341,11 @@ def _concatenated_sum(
     one_dtype: bool,
     sizes: Sequence[int] | None = None,
 ) -> float:
-    """The sum of squares of small CPU tensors, concatenated in batches into a buffer
-    of ``nbuf`` elements (one call per batch, not per tensor), in ``acc``."""
+    """The sum of squares of small CPU tensors for an ``acc`` accumulation (NumPy
+    dtype), concatenated in batches into a buffer of ``nbuf`` elements (one call per
+    batch, not per tensor), 16-bit batches widened into float32 by torch."""
     total = 0.0
-    norms: list[torch.Tensor] = []
+    wide = None
     for idx in _groups(xs, one_dtype).values() if xs else ():
         whole = len(idx) == len(xs)
         group = xs if whole else [xs[i] for i in idx]
@@ -334,22 +355,17 @@ def _concatenated_sum(
         ends = list(itertools.accumulate(counts))
         dtype = group[0].dtype
         buf = torch.empty(min(nbuf, ends[-1]), dtype=dtype)
-        # buf[:n] by n, and its rows when n is a multiple of BLOCK (views cost ~1 us)
-        views: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        low = dtype not in (torch.float32, torch.float64)
+        if low and wide is None:
+            wide = torch.empty(min(nbuf, WIDEN_PIECE), dtype=torch.float32)
         start = base = 0
         while start < len(group):
             stop = max(start + 1, bisect.bisect_right(ends, base + nbuf, lo=start))
             n = ends[stop - 1] - base
-            if n not in views:
-                views[n] = (buf[:n], buf[:n].view(-1, BLOCK) if n % BLOCK == 0 else None)
-            v, rows = views[n]
-            torch.cat(group[start:stop], out=v)
-            if dtype == acc and n <= DOT_MAX:  # one BLAS dot
-                total += float(torch.dot(v, v))
-            else:  # rows of BLOCK (16-bit ones widened inside the norm)
-                _row_norms(v, acc, norms, rows)
+            v = torch.cat(group[start:stop], out=buf[:n])
+            total += _widened_sum(v, wide, acc) if low else _host.sumsq(v.numpy(), acc)
             start, base = stop, ends[stop - 1]
-    return total + _sum_of_squares(norms)
+    return total
 
 
 def _importable(name: str) -> bool:
@@ -405,10 +421,10 @@ class TorchPath:
 
     @functools.cached_property
     def wide_size(self) -> int:
-        """Elements of the float32 buffer 16-bit tensors are widened into: a multiple of
-        ``BLOCK``, at most ``WIDE_MAX`` and half of ``CAT_SHARE`` of the gradients' bytes."""
-        size = int(sum(self.sizes) * CAT_SHARE) // 2 // BLOCK * BLOCK
-        return min(WIDE_MAX, max(BLOCK << 4, size))
+        """Elements of the float32 buffer 16-bit tensors are widened into: at most
+        ``WIDE_MAX`` and half of ``CAT_SHARE`` of the gradients' bytes."""
+        size = int(sum(self.sizes) * CAT_SHARE) // 2
+        return min(WIDE_MAX, max(1 << 14, size))
 
     def norm(self, p: float) -> Any:
         if p != 2 and not math.isinf(p):
@@ -446,11 +462,11 @@ class TorchPath:
                 for ys in by_dtype.values():
                     _run_native(ys, _native.lib.scale_table, float(s))
                 if rest:
-                    torch._foreach_mul_([xs[i] for i in rest], s)
+                    _mul_([xs[i] for i in rest], s)
             elif sizes and s.dtype != dtype:
                 _widened_mul_(xs, s, self.wide_size, sizes)
             elif inplace:
-                torch._foreach_mul_(xs, s)
+                _mul_(xs, s)
             else:
                 low = s.dtype != dtype  # 16-bit leaves: multiply in float32, round once
                 ys = torch._foreach_mul([x.to(s.dtype) for x in xs] if low else xs, s)
@@ -479,3 +495,48 @@ class TorchPath:
             unread.append(m)
         scale = (m / den).masked_fill_(den <= m, 1.0)
         return _reference.nan_unless_nonneg(torch, scale, *unread)
+
+
+class AutogradPath:
+    """Tensors that require grad: the reference's norm (finite ``p``) with the
+    derivative of :func:`gradclip._reference.norm_grad`; the reference's scale and
+    multiply, differentiated by autograd."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+
+    def norm(self, p: float) -> Any:
+        if math.isinf(p):  # the largest magnitude: its automatic derivative is exact
+            return None
+        return _Norm.apply(self.tree, p, *self.tree.leaves)
+
+    def scale(self, scale: Any, norm: Any, nonfinite: str, inplace: bool) -> None:
+        return None
+
+
+class _Norm(torch.autograd.Function):
+    """The reference's ``p``-norm of tensors, differentiated by :func:`norm_grad`
+    (finite wherever the derivative is: autograd through the scaled sums would square
+    the scale). Its backward is differentiable in turn (``create_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx: Any, tree: Tree, p: float, *leaves: torch.Tensor) -> torch.Tensor:
+        norm = _reference.tree_norm(tree, p)  # (autograd records nothing in here)
+        ctx.tree, ctx.p = tree, p
+        ctx.save_for_backward(norm, *leaves)
+        return norm
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        norm, *leaves = ctx.saved_tensors
+        tree, p = ctx.tree, ctx.p
+        if torch.is_grad_enabled():  # a derivative of the derivative: the norm's too
+            norm = _Norm.apply(tree, p, *leaves)
+        out: list[Any] = [None, None]
+        for x, need in zip(leaves, ctx.needs_input_grad[2:]):
+            if not need:
+                out.append(None)
+                continue
+            g = _reference.norm_grad(tree, x, norm, p) * grad.to(x.device)
+            out.append(g.to(x.dtype))
+        return tuple(out)
