@@ -3,7 +3,7 @@
 The clipping math is written once against the Array API standard and runs on the
 arrays you pass in (NumPy, CuPy, PyTorch, JAX, Dask, array-api-strict); the library
 is chosen from the input's type. Framework integrations live in
-:mod:`gradclip.torch` and :mod:`gradclip.optax` and are imported on demand.
+``gradclip.torch`` and ``gradclip.optax`` and are imported on demand.
 
 >>> import numpy as np, gradclip as gc
 >>> clipped, norm = gc.clip_by_global_norm(np.array([1, 2, 3, 4, 5]), max_norm=3)

@@ -11,7 +11,7 @@ checked here, or a 0-d array of an array library, whose value is never read:
   or Dask array) may sit on an accelerator or be traced by a compiler: reading it
   would be a host read-back. Its dtype must be real (checked: metadata), its value is
   not: a negative or NaN one makes the clipped values NaN, on the device
-  (:func:`gradclip._reference.nan_unless_nonneg`), never a silent sign flip.
+  (``gradclip._reference.nan_unless_nonneg``), never a silent sign flip.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def check_nonneg(value: Any, name: str, *, finite: bool = False) -> Any:
 
 
 def check_setting(value: Any, name: str, *, finite: bool = False) -> float:
-    """:func:`check_nonneg` for a setting read once, when an object is made (a
+    """``check_nonneg`` for a setting read once, when an object is made (a
     clipper's option): a 0-d array of any library is read on the host too."""
     v = check_nonneg(value, name, finite=finite)
     return v if isinstance(v, float) else check_nonneg(float(v), name, finite=finite)

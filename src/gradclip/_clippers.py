@@ -7,15 +7,15 @@ any Array API library, and its state can be checkpointed like an optimizer's::
     state = clipper.init(like)                       # like: a 0-d array (library, dtype, device)
     max_norm, state = clipper.threshold(state, norm) # max_norm: 0-d, +inf means "no clip"
 
-:func:`clip_stateful` and :func:`clip_stateful_` clip a gradient tree with one call;
+``clip_stateful`` and ``clip_stateful_`` clip a gradient tree with one call;
 each clipper object also keeps a state of its own for imperative loops
 (``clipper.clip_(grads)``). Nothing reads a value back to the host.
 
-- :class:`AutoClip`: Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive
+- ``AutoClip``: Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive
   Gradient Clipping for Source Separation Networks", MLSP 2020 (arXiv:2007.14469).
-- :class:`ZClip`: Kumar, Owen, Ashton, Sanyal and others, "ZClip: Adaptive Spike
+- ``ZClip``: Kumar, Owen, Ashton, Sanyal and others, "ZClip: Adaptive Spike
   Mitigation for LLM Pre-Training", 2025 (arXiv:2504.02507).
-- :class:`QuantileClip`: Andrew, Thakkar, McMahan and Ramaswamy, "Differentially
+- ``QuantileClip``: Andrew, Thakkar, McMahan and Ramaswamy, "Differentially
   Private Learning with Adaptive Clipping", NeurIPS 2021 (arXiv:1905.03871).
 """
 
@@ -84,7 +84,7 @@ def clip_stateful(
 
     Returns ``(clipped, new_state, info)``; ``info`` holds the norm, the threshold
     and whether the step was clipped, all as arrays. The keyword options are those
-    of :func:`gradclip.clip_by_global_norm` (``eps=1e-6`` is torch's and the
+    of ``gradclip.clip_by_global_norm`` (``eps=1e-6`` is torch's and the
     reference packages' choice); the clipper sees the global norm over all ranks.
 
     Examples
@@ -123,7 +123,7 @@ def clip_stateful_(
     replicated: Any = None,
     sharded: Any = None,
 ) -> tuple[Any, ClipInfo]:
-    """:func:`clip_stateful` in place, for writable arrays: returns ``(new_state, info)``.
+    """``clip_stateful`` in place, for writable arrays: returns ``(new_state, info)``.
 
     Every leaf is checked before any is written.
     """
@@ -154,7 +154,7 @@ class _Imperative:
 
     def clip(self, grads: Any, /, **options: Any) -> tuple[Any, ClipInfo]:
         """Clip ``grads`` (functional); returns ``(clipped, info)`` and keeps the state.
-        The keyword options are those of :func:`clip_stateful`."""
+        The keyword options are those of ``clip_stateful``."""
         state = self._state_for(grads)
         out, self.state, info = clip_stateful(grads, self._for_step(state), state, **options)
         return out, info
@@ -443,13 +443,13 @@ class QuantileClip(_Imperative):
     ``C <- C * exp(-learning_rate * (b - gamma))`` (``update="geometric"``, the paper's
     choice) or ``C <- C - learning_rate * (b - gamma)`` (``"linear"``), where ``b`` is
     the fraction of this step's norms at most ``C``. ``norm`` may be one norm or a 1-d
-    array of per-example norms (from :func:`gradclip.per_example_clip`).
+    array of per-example norms (from ``gradclip.per_example_clip``).
 
     For differential privacy ``b`` is released with Gaussian noise:
     ``b = (sum_i 1[n_i <= C] + noise_multiplier * noise) / m``, ``noise`` being a
-    standard normal draw the caller passes to :meth:`threshold` (for example
+    standard normal draw the caller passes to ``threshold`` (for example
     ``jax.random.normal(key, ())``), which keeps the function pure. The object's
-    own :meth:`clip` / :meth:`clip_` draw it from a NumPy generator seeded with
+    own ``clip`` / ``clip_`` draw it from a NumPy generator seeded with
     ``seed``. Defaults are the paper's: ``C_0 = 0.1``, ``gamma = 0.5``, ``eta = 0.2``.
     A NaN norm does not count.
 
@@ -529,7 +529,7 @@ class QuantileClip(_Imperative):
 
 
 class _WithNoise:
-    """A :class:`QuantileClip` with this step's noise draw bound."""
+    """A ``QuantileClip`` with this step's noise draw bound."""
 
     def __init__(self, clipper: QuantileClip, noise: Any) -> None:
         self.clipper, self.noise = clipper, noise

@@ -63,7 +63,7 @@ def global_norm(
         The other way round (give one of the two): the group(s)/axis name(s) (or a
         ``PartitionSpec``) each leaf is split over, which join the reduction, with
         ``True`` for all and ``False``/``None`` for none; the leaf holds copies over
-        the call's other groups. Either tree may hold a :class:`gradclip.Layout`
+        the call's other groups. Either tree may hold a ``gradclip.Layout``
         that names both (see ``docs/parallel_layouts.md``).
 
     Returns
@@ -113,7 +113,7 @@ def clip_by_global_norm(
 ) -> tuple[Any, Any]:
     """Scale every leaf by ``min(1, max_norm / (norm + eps))``; return it and the norm.
 
-    Pascanu et al.'s rule (arXiv:1211.5063). ``norm`` is :func:`global_norm` of
+    Pascanu et al.'s rule (arXiv:1211.5063). ``norm`` is ``global_norm`` of
     ``grads``: the norm of all elements taken as one vector, accumulated in float32
     (float64 when any leaf is float64) and free of overflow for finite gradients.
 
@@ -142,7 +142,7 @@ def clip_by_global_norm(
         host, so it is an error under ``jax.jit`` or on Dask arrays), or make every
         leaf zero (decided on the device).
     process_group, axis_name, replicated, sharded : optional
-        For gradients sharded over processes or devices: as in :func:`global_norm`;
+        For gradients sharded over processes or devices: as in ``global_norm``;
         every rank gets the same global norm and scale.
 
     Returns
@@ -199,11 +199,11 @@ def clip_by_global_norm_(
     replicated: Any = None,
     sharded: Any = None,
 ) -> Any:
-    """:func:`clip_by_global_norm` in place, for writable arrays; returns the norm.
+    """``clip_by_global_norm`` in place, for writable arrays; returns the norm.
 
     Works on NumPy, CuPy and PyTorch arrays (views and non-contiguous arrays too)
     and DTensors (FSDP2 gradients). The keyword options are those of
-    :func:`clip_by_global_norm`. Every leaf is checked before any is written, so on
+    ``clip_by_global_norm``. Every leaf is checked before any is written, so on
     any error no leaf has changed.
 
     Raises
@@ -211,7 +211,7 @@ def clip_by_global_norm_(
     TypeError
         For JAX arrays (immutable), Dask arrays (lazy), read-only NumPy arrays,
         integer arrays and torch leaf tensors that require grad: use the
-        functional :func:`clip_by_global_norm` for those.
+        functional ``clip_by_global_norm`` for those.
 
     Examples
     --------
@@ -237,7 +237,7 @@ def clip_by_norm(grads: Any, /, max_norm: Any, *, ord: float = 2, eps: float = 0
     """Scale each leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``.
 
     The per-tensor rule of ``tf.clip_by_norm`` and Keras ``clipnorm``; each leaf's
-    norm is accumulated and protected from overflow as in :func:`global_norm`.
+    norm is accumulated and protected from overflow as in ``global_norm``.
 
     Examples
     --------

@@ -137,7 +137,7 @@ def first_unwritable(
     """``(index, why)`` of the first leaf that cannot be scaled in place, or ``None``.
 
     One pass at C speed for the common cases (all NumPy arrays, all plain torch
-    tensors); :func:`_writable_problem` leaf by leaf otherwise. ``requires_grad()``
+    tensors); ``_writable_problem`` leaf by leaf otherwise. ``requires_grad()``
     tells whether any torch leaf requires grad, when the caller keeps that answer.
     """
     x = leaves[0]

@@ -5,7 +5,7 @@ call reduces over process groups, with JAX (inside ``shard_map``/``pmap``) over 
 axes; sharded arrays under plain ``jit`` need nothing, XLA inserts the collectives.
 
 **The call's dimensions.** ``process_group=`` / ``axis_name=``, every group or axis a
-leaf is *sharded* over (``sharded=``, :class:`Layout`) and every dimension of every
+leaf is *sharded* over (``sharded=``, ``Layout``) and every dimension of every
 DTensor's mesh. Nested dimensions collapse to the larger one (an expert-parallel group
 inside the data-parallel group of the dense mesh is already covered by it), the same
 ranks named twice count once, and what is left must meet only in this rank, like the
@@ -240,7 +240,7 @@ def _wide_dtype(tree: _tree.Tree, acc: Any) -> Any:
 
 
 def _specs(tree: _tree.Tree, replicated: Any, sharded: Any) -> list[_Spec]:
-    """One :class:`_Spec` per leaf from ``sharded=`` or ``replicated=``."""
+    """One ``_Spec`` per leaf from ``sharded=`` or ``replicated=``."""
     option, rest = ("sharded", "replicated") if sharded is not None else ("replicated", "sharded")
     marks = _markers(tree, sharded if sharded is not None else replicated, option)
     out = []

@@ -5,7 +5,7 @@ Differential Privacy", CCS 2016 (arXiv:1607.00133), algorithm 1: each example's
 gradient ``g_i`` is clipped to ``g_i / max(1, ||g_i|| / C)`` before the batch is summed
 (and noised, which is left to the caller). Every example's norm is taken at once by
 reducing every axis but the batch axis, with the overflow-free scaling of
-:mod:`gradclip._reference`; there is no Python loop over examples.
+``gradclip._reference``; there is no Python loop over examples.
 """
 
 from __future__ import annotations

@@ -300,7 +300,7 @@ def nan_unless_nonneg(xp: Any, x: Any, *limits: Any) -> Any:
     """``x``, but NaN wherever one of ``limits`` is negative or NaN.
 
     ``limits`` are thresholds given as 0-d arrays of the gradients' library, whose
-    value is never read on the host (:mod:`gradclip._checks`): this makes a bad one
+    value is never read on the host (``gradclip._checks``): this makes a bad one
     visible in the results, on the device, instead of a silent sign flip.
     """
     for m in limits:
@@ -392,7 +392,7 @@ def _multiplies_in_place(x: Any) -> bool:
 
 
 def scaled(tree: Tree, x: Any, scale: Any) -> Any:
-    """``x * scale`` in the leaf's dtype, for a ``scale`` from :func:`cast_scale`:
+    """``x * scale`` in the leaf's dtype, for a ``scale`` from ``cast_scale``:
     float16/bfloat16 leaves are multiplied in float32 and rounded once."""
     xp = tree.xp
     if scale.dtype != x.dtype and _compat.dtype_kind(xp, x.dtype) == "low":

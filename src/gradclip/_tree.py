@@ -216,7 +216,7 @@ def _children(node: Any, path: str) -> tuple[list[tuple[Any, str]], Rebuild] | N
 
 
 def _rebuild(steps: list[Any], leaves: Iterator[Any]) -> Any:
-    """The tree :func:`walk` took apart, with ``leaves`` in place of its leaves."""
+    """The tree ``walk`` took apart, with ``leaves`` in place of its leaves."""
     stack: list[Any] = []
     for step in steps:
         if step is _LEAF:

@@ -4,7 +4,7 @@ Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition
 Without Normalization", ICML 2021 (arXiv:2102.06171), section 3: a gradient unit
 ``G_i`` (one output unit's row of a weight) is scaled to ``lambda * ||W_i|| / ||G_i||``
 when ``||G_i|| / max(||W_i||, eps) > lambda``. Unit norms are taken with the overflow-free
-scaling of :mod:`gradclip._reference`, in float32 (float64) accumulation.
+scaling of ``gradclip._reference``, in float32 (float64) accumulation.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def clip_by_block_rms(grads: Any, /, max_rms: Any) -> Any:
 
     Each leaf ``g`` becomes ``g / max(1, rms(g) / max_rms)`` with
     ``rms(g) = ||g||_2 / sqrt(g.size)`` (``optax.clip_by_block_rms``), accumulated
-    without overflow as :func:`gradclip.global_norm`. A leaf of zeros, or an empty
+    without overflow as ``gradclip.global_norm``. A leaf of zeros, or an empty
     one, is unchanged.
 
     Examples

@@ -1,7 +1,7 @@
 """Optax gradient transformations built on gradclip's clipping functions.
 
-Every transform here is an :class:`optax.GradientTransformation` usable in
-:func:`optax.chain`, pure and jittable. Where optax has the same transform, the
+Every transform here is an ``optax.GradientTransformation`` usable in
+``optax.chain``, pure and jittable. Where optax has the same transform, the
 update is optax's (to rounding), with gradclip's numerics: the global norm is
 accumulated in float32 for float16/bfloat16 updates and never overflows for finite
 ones, and differentiating through the clip gives finite gradients at a zero norm.
@@ -12,7 +12,7 @@ Switching is one import::
 
 ``clip_by_global_norm`` also takes a *stateful clipper* in place of the number
 (a threshold that adapts to the history of norms, such as AutoClip or ZClip), and
-:func:`skip_nonfinite` skips a step whose updates hold an inf or NaN without
+``skip_nonfinite`` skips a step whose updates hold an inf or NaN without
 advancing the wrapped optimizer.
 
 References
@@ -47,7 +47,7 @@ __all__ = [
 
 
 class ClipByGlobalNormState(NamedTuple):
-    """State of :func:`clip_by_global_norm` with a stateful clipper.
+    """State of ``clip_by_global_norm`` with a stateful clipper.
 
     Attributes
     ----------
@@ -69,7 +69,7 @@ class ClipByGlobalNormState(NamedTuple):
 
 
 class SkipNonfiniteState(NamedTuple):
-    """State of :func:`skip_nonfinite`.
+    """State of ``skip_nonfinite``.
 
     Attributes
     ----------
@@ -101,9 +101,9 @@ def clip_by_global_norm(
 ) -> optax.GradientTransformation:
     """Scale the updates by ``min(1, max_norm / (norm + eps))`` (Pascanu et al.).
 
-    With a number for ``max_norm`` this is :func:`optax.clip_by_global_norm` (the
+    With a number for ``max_norm`` this is ``optax.clip_by_global_norm`` (the
     same updates to rounding, the same empty state) computed by
-    :func:`gradclip.clip_by_global_norm`: the norm is accumulated in float32 for
+    ``gradclip.clip_by_global_norm``: the norm is accumulated in float32 for
     float16/bfloat16 updates and does not overflow for finite ones, any ``ord``
     may be used, and the derivative through the clip is finite at a zero norm.
 
@@ -112,14 +112,14 @@ def clip_by_global_norm(
     max_norm : float, 0-d array or StatefulClipper
         The threshold (``>= 0``), or a stateful clipper (an object with
         ``init(like) -> state`` and ``threshold(state, norm) -> (max_norm, state)``,
-        see :class:`gradclip.StatefulClipper`) that gives a threshold at every step.
+        see ``gradclip.StatefulClipper``) that gives a threshold at every step.
     eps : float, optional
         Added to the norm before dividing (default 0, optax's rule; torch uses 1e-6).
     nonfinite : {"propagate", "raise", "zero"}, optional
         What to do when the norm is inf or NaN, as in
-        :func:`gradclip.clip_by_global_norm`. ``"zero"`` makes the update zero but
+        ``gradclip.clip_by_global_norm``. ``"zero"`` makes the update zero but
         the optimizers after it in a chain still advance their state; wrap them in
-        :func:`skip_nonfinite` to skip the step properly. ``"raise"`` cannot work
+        ``skip_nonfinite`` to skip the step properly. ``"raise"`` cannot work
         under ``jax.jit``.
     ord : float, optional
         The norm's order: any real ``p > 0`` or ``math.inf`` (default 2).
@@ -127,14 +127,14 @@ def clip_by_global_norm(
         Inside ``shard_map`` or ``pmap``, the axes the updates are sharded over and
         which leaves are replicated (or, with ``sharded=``, the axes each leaf is
         split over: the ``in_specs`` given to ``shard_map``), as in
-        :func:`gradclip.global_norm`: every device then clips by the norm of the whole
+        ``gradclip.global_norm``: every device then clips by the norm of the whole
         model.
 
     Returns
     -------
     optax.GradientTransformation
         Stateless for a number; for a clipper, its state is a
-        :class:`ClipByGlobalNormState` with the clipper's state and the last norm,
+        ``ClipByGlobalNormState`` with the clipper's state and the last norm,
         threshold and clipped flag.
 
     Notes
@@ -180,7 +180,7 @@ def clip_by_norm(
     """Scale each leaf of the updates on its own by ``min(1, max_norm / (norm + eps))``.
 
     The per-tensor rule of ``tf.clip_by_norm`` and Keras ``clipnorm``, by
-    :func:`gradclip.clip_by_norm`.
+    ``gradclip.clip_by_norm``.
 
     Examples
     --------
@@ -198,8 +198,8 @@ def clip_by_norm(
 def clip_by_value(clip_value: Any) -> optax.GradientTransformation:
     """Clip every element of the updates to ``[-clip_value, clip_value]``.
 
-    :func:`optax.clip` (and ``torch.nn.utils.clip_grad_value_``) as a transform,
-    by :func:`gradclip.clip_by_value`.
+    ``optax.clip`` (and ``torch.nn.utils.clip_grad_value_``) as a transform,
+    by ``gradclip.clip_by_value``.
 
     Examples
     --------
@@ -217,7 +217,7 @@ def adaptive_grad_clip(
 ) -> optax.GradientTransformation:
     """Unit-wise adaptive gradient clipping (Brock et al. 2021, arXiv:2102.06171).
 
-    :func:`optax.adaptive_grad_clip` by :func:`gradclip.adaptive_grad_clip`: each
+    ``optax.adaptive_grad_clip`` by ``gradclip.adaptive_grad_clip``: each
     unit's gradient is scaled to at most ``clipping * max(||param_unit||, eps)``,
     with overflow-free unit norms. ``update`` needs ``params``. ``exclude`` is a
     predicate on a leaf's path (e.g. the final classifier, as in the paper).
@@ -247,7 +247,7 @@ def adaptive_grad_clip(
 def clip_by_block_rms(threshold: Any) -> optax.GradientTransformation:
     """Scale each leaf so that its root mean square is at most ``threshold``.
 
-    :func:`optax.clip_by_block_rms` by :func:`gradclip.clip_by_block_rms`
+    ``optax.clip_by_block_rms`` by ``gradclip.clip_by_block_rms``
     (overflow-free for float16 leaves).
 
     Examples
@@ -273,7 +273,7 @@ def skip_nonfinite(
     with ``nonfinite="zero"`` alone zeroes the update but lets the optimizer's
     state advance (Adam's moments decay and its bias correction moves on).
 
-    This is :func:`optax.apply_if_finite` with honest counters. Optax's
+    This is ``optax.apply_if_finite`` with honest counters. Optax's
     ``notfinite_count`` is not reset when it gives up: after
     ``max_consecutive_errors`` skipped steps, *every* further non-finite step of the
     streak is applied (not one), until a finite step arrives; and its
@@ -294,7 +294,7 @@ def skip_nonfinite(
     Returns
     -------
     optax.GradientTransformationExtraArgs
-        With a :class:`SkipNonfiniteState`.
+        With a ``SkipNonfiniteState``.
 
     Examples
     --------
@@ -376,7 +376,7 @@ def _static_options(ord: Any, eps: Any) -> tuple[float, float]:
 def _with_clipper(
     clipper: StatefulClipper, p: float, options: dict[str, Any]
 ) -> optax.GradientTransformation:
-    """:func:`clip_by_global_norm` with a threshold from a stateful clipper."""
+    """``clip_by_global_norm`` with a threshold from a stateful clipper."""
 
     def init(params: Any) -> ClipByGlobalNormState:
         tree = _tree.flatten(params, "params", allow_empty=True)

@@ -4,8 +4,8 @@ Change one import and a training run follows the same trajectory::
 
     from gradclip.torch import clip_grad_norm_   # was: from torch.nn.utils import ...
 
-:func:`clip_grad_norm_`, :func:`clip_grad_value_`, :func:`get_total_norm` and
-:func:`clip_grads_with_norm_` keep torch 2.13's signatures and results (a lone
+``clip_grad_norm_``, ``clip_grad_value_``, ``get_total_norm`` and
+``clip_grads_with_norm_`` keep torch 2.13's signatures and results (a lone
 tensor or any iterable of parameters, parameters without ``.grad`` skipped,
 ``eps = 1e-6``, the norm returned as a tensor, ``foreach``), with this library's
 numerics: float16/bfloat16 gradients give a float32-accurate norm, and finite
@@ -13,7 +13,7 @@ gradients never overflow it (float32 gradients of 1e30 are clipped, not zeroed).
 The clipping rule is Pascanu, Mikolov and Bengio's, "On the difficulty of training
 recurrent neural networks", ICML 2013 (arXiv:1211.5063).
 
-:func:`clip_before_step` clips before every ``optimizer.step()``, with a fixed
+``clip_before_step`` clips before every ``optimizer.step()``, with a fixed
 threshold or a stateful clipper (AutoClip, ZClip, ...), without reading a value
 back to the host.
 
@@ -161,7 +161,7 @@ def get_total_norm(
 
     Accumulated in float32 for float16/bfloat16/float32 tensors (float64 when any
     is float64) and free of overflow for finite values. Arguments as in
-    :func:`clip_grad_norm_`, but ``tensors`` are the gradients themselves.
+    ``clip_grad_norm_``, but ``tensors`` are the gradients themselves.
 
     Examples
     --------
@@ -187,7 +187,7 @@ def clip_grads_with_norm_(
     """Scale the gradients in place by ``min(1, max_norm / (total_norm + 1e-6))``.
 
     ``torch.nn.utils.clip_grads_with_norm_``: the second half of
-    :func:`clip_grad_norm_`, for a norm computed (or all-reduced) by the caller.
+    ``clip_grad_norm_``, for a norm computed (or all-reduced) by the caller.
 
     Examples
     --------
@@ -263,7 +263,7 @@ def clip_grad_value_(
 
 
 class ClipHandle:
-    """What :func:`clip_before_step` returns: the last step's values, and ``remove()``.
+    """What ``clip_before_step`` returns: the last step's values, and ``remove()``.
 
     Attributes
     ----------
@@ -503,7 +503,7 @@ def clip_before_step(
         ``True`` (default): hand the scale to a fused optimizer's kernel.
         ``False``: multiply the gradients separately, as for any other optimizer.
     process_group, replicated, sharded : optional
-        For sharded gradients, as in :func:`clip_grad_norm_`: every rank gets the
+        For sharded gradients, as in ``clip_grad_norm_``: every rank gets the
         same norm, so every rank skips a step or none does.
 
     Returns

@@ -1,11 +1,11 @@
 """The dispatcher: one fast path per array library behind the reference math.
 
-:func:`plan` looks at a tree once per call and picks the fast path of its library
+``plan`` looks at a tree once per call and picks the fast path of its library
 (``_numpy``, ``_torch``, ``_jax``, ``_cupy``), which works out what it needs to
 know of the tree (kind, dtype groups, sizes) once and keeps it for the call. Each
 step of the call (the norm, the scale, the multiply) asks the fast path first; a
 fast path declines a step by returning ``None``, and the reference math of
-:mod:`gradclip._reference` runs instead. A fast path imports neither this module
+``gradclip._reference`` runs instead. A fast path imports neither this module
 nor anything above it, and it computes what the reference computes, to a few ulps.
 """
 
@@ -30,7 +30,7 @@ def fast_paths(on: bool) -> Iterator[None]:
     """Switch the backend fast paths on or off inside a ``with`` block.
 
     ``with fast_paths(False):`` runs the pure Array API reference, which every fast
-    path must agree with (and what ``foreach=False`` selects in :mod:`gradclip.torch`).
+    path must agree with (and what ``foreach=False`` selects in ``gradclip.torch``).
     """
     old = enabled()
     _STATE.on = on

@@ -5,12 +5,12 @@ sizes, each block's leaf and first element) and cut into blocks of ``BLOCK``
 elements. One ``RawKernel`` launch gives every block the reference's ``(m, s)``
 term (the largest magnitude, NaN sticky, and the sum of ``(|x| / m) ** 2``: squares
 of 16/32-bit values summed in float64, float64 blocks in two sweeps); one more
-single-block launch combines them as :func:`gradclip._reference.combine` does. The
+single-block launch combines them as ``gradclip._reference.combine`` does. The
 scaling is one launch per group, reading the scale from device memory. Only
 C-contiguous float16/float32/float64 leaves on one device qualify; the tables of the
 last few trees stay on the device, so a training loop copies nothing.
 
-The planning is plain NumPy and is tested on the CPU (:func:`emulate_terms` stands in
+The planning is plain NumPy and is tested on the CPU (``emulate_terms`` stands in
 for the kernel); the kernels are checked against the reference on a GPU.
 """
 
@@ -211,7 +211,7 @@ def emulate_terms(arrays: Sequence[np.ndarray], p: Plan) -> tuple[np.ndarray, ..
 
 def combine(xp: Any, ms: Any, ss: Any, p: float) -> Any:
     """What the finish kernel computes: the reference's combination
-    (:func:`gradclip._reference.combine`) of stacked block terms."""
+    (``gradclip._reference.combine``) of stacked block terms."""
     big = xp.max(ms)
     if math.isinf(p):
         return big

@@ -2,7 +2,7 @@
 
 Used by the NumPy backend and, on zero-copy views, by the torch backend's CPU path.
 Large arrays are cut into chunks of ``CHUNK`` elements (views, never copies), small
-ones grouped into runs, and the threads of :mod:`._native`'s pool take these units
+ones grouped into runs, and the threads of ``._native``'s pool take these units
 one by one (NumPy releases the GIL).
 
 The 2-norm is a blocked sum, its parts added in double. In a float32 accumulation no
@@ -105,7 +105,7 @@ def _run(
     item_size: Callable[[Any], int] = operator.attrgetter("size"),
 ) -> list[Any]:
     """``work`` over the chunks of ``items``: on one thread for small inputs, else on
-    a few threads that take the units of :func:`._native.units` one by one."""
+    a few threads that take the units of ``._native.units`` one by one."""
     n = _native.threads_for(size) if threads is None else threads
     if n == 1:
         return [work(itertools.chain.from_iterable(map(split, items)))]
@@ -124,8 +124,8 @@ def _native_run_groups(
     args: Callable[[np.dtype], tuple[Any, ...]] = lambda dt: (),
     dtypes: Iterable[Any] | None = None,
 ) -> tuple[list[Any], Sequence[np.ndarray]]:
-    """:func:`._native.run_native` of the C kernel ``kernel`` (``*args(dtype)``) over
-    each group of :func:`._native.native_groups` of ``arrays`` of ``dtypes`` (of the
+    """``._native.run_native`` of the C kernel ``kernel`` (``*args(dtype)``) over
+    each group of ``._native.native_groups`` of ``arrays`` of ``dtypes`` (of the
     kernels' dtypes; all of them by default; ``size``: the elements of ``arrays``):
     the results, and the arrays left to the other paths (all of them when the
     kernels are not built)."""
@@ -170,7 +170,7 @@ BUFFERED_PARALLEL_MIN = 1 << 17
 
 
 def _native_chunk(c: np.ndarray) -> bool:
-    """True for a chunk the C kernel sums (:mod:`._native`, when built):
+    """True for a chunk the C kernel sums (``._native``, when built):
     bfloat16 or float32, 1-D and contiguous."""
     return (
         c.dtype in _native.DTYPES
@@ -199,7 +199,7 @@ def _packed(
     reduce: Callable[[np.ndarray], Any],
     exact: Callable[[float], Any],
 ) -> Iterator[Any]:
-    """``reduce`` of every chunk, summed in ``dtype`` (:func:`sum_dtype`): float64
+    """``reduce`` of every chunk, summed in ``dtype`` (``sum_dtype``): float64
     chunks that are 1-D as they are, the others widened into a buffer of ``nbuf``
     elements: packed (one concatenation per run of 1-D pieces), reduced when full.
     Nothing is lost: the buffer holds each element once, converted exactly. In float32,
@@ -265,14 +265,14 @@ def _dot(c: np.ndarray) -> float:
 
 
 def _plain_sum(ts: Iterable[np.ndarray], acc: np.dtype, nbuf: int) -> float:
-    """The sum of the chunks' sums of squares (in :func:`sum_dtype` of ``acc``), in
+    """The sum of the chunks' sums of squares (in ``sum_dtype`` of ``acc``), in
     float64: one read of the memory."""
     return sum(_packed(ts, sum_dtype(acc), nbuf, _dot, float), 0.0)
 
 
 def sumsq(b: np.ndarray, acc: Any) -> float:
     """The sum of squares of a 1-D array ``b`` (of any float dtype) for an ``acc``
-    accumulation, accurate for any values: the C kernel (:func:`sum_dtype` float32,
+    accumulation, accurate for any values: the C kernel (``sum_dtype`` float32,
     ``b`` contiguous bfloat16 or float32), else a float64 BLAS dot, ``b`` widened to
     float64 ``EXACT_PIECE`` elements at a time when it is not float64."""
     if sum_dtype(acc) == np.float32 and _native_chunk(b):
@@ -305,7 +305,7 @@ def _sumsq(c: np.ndarray) -> tuple[float, float]:
 
 
 def _exact_terms(ts: Iterable[np.ndarray], nbuf: int) -> list[tuple[float, float]]:
-    """``(d, s)`` per chunk or buffer of a float64 accumulation, exact (:func:`_sumsq`)."""
+    """``(d, s)`` per chunk or buffer of a float64 accumulation, exact (``_sumsq``)."""
     return list(_packed(ts, np.dtype(np.float64), nbuf, _sumsq, lambda s: (1.0, s)))
 
 
@@ -329,7 +329,7 @@ def _maxabs(c: np.ndarray) -> float:
 
 def norm_of_arrays(arrays: Sequence[np.ndarray], p: float, acc: Any = None) -> float:
     """The global ``p``-norm (``p`` 2 or inf) of NumPy arrays, as a Python float,
-    accumulated in ``acc`` (default: :func:`accumulator`)."""
+    accumulated in ``acc`` (default: ``accumulator``)."""
     size = sum(x.size for x in arrays)
     if math.isinf(p):
 
@@ -367,7 +367,7 @@ def accumulator(arrays: Iterable[np.ndarray]) -> np.dtype:
 def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> float:
     """The blocked sum of squares of ``arrays`` (``size`` elements), in float64: for a
     float32 accumulation ``acc`` accurate for any input (inf and NaN propagate); for
-    float64 a dot per chunk, accurate when :func:`is_safe`."""
+    float64 a dot per chunk, accurate when ``is_safe``."""
     acc = np.dtype(acc)
     dtype = sum_dtype(acc)
     total = 0.0
@@ -388,7 +388,7 @@ def sum_of_squares(arrays: Sequence[np.ndarray], acc: np.dtype, size: int) -> fl
 
 
 def is_safe(total: float, acc: Any) -> bool:
-    """True when a sum of squares of :func:`sum_of_squares` is the norm's square to
+    """True when a sum of squares of ``sum_of_squares`` is the norm's square to
     the accumulation's accuracy: any float32 one (its squares are summed in double,
     where none of a float32 value overflows or underflows); a float64 one that lies
     well inside float64's range (False for inf and NaN, which the exact path sorts)."""

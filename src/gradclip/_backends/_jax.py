@@ -4,7 +4,7 @@
   squares, and ``lax.cond`` runs the reference only when that sum may have lost
   something to overflow or underflow. On accelerators, where a ``lax.cond``'s
   predicate is read on the host, the same read sums the squares at a few
-  power-of-two scales at once (:func:`ladder_norm`) and ``jnp.where`` picks a good
+  power-of-two scales at once (``ladder_norm``) and ``jnp.where`` picks a good
   one: no branch, no host read.
 * Eager calls on concrete arrays run compiled functions (the norm, the scaling, or
   the whole clip step the caller hands over), cached by ``jax.jit`` per tree
@@ -80,7 +80,7 @@ SMALL = 1 << 16  # leaves up to this size are concatenated: one reduction, not t
 
 def traced_norm(tree: Tree, p: float) -> Any:
     """The global norm of a (traced or concrete) tree, to a few ulps of the reference;
-    for finite ``p`` with the derivative of :func:`gradclip._reference.norm_grad`."""
+    for finite ``p`` with the derivative of ``gradclip._reference.norm_grad``."""
     if math.isinf(p):  # the largest magnitude: its automatic derivative is exact
         return _reference.tree_norm(tree, p)
     return _smooth_norm(list(tree.leaves), p)

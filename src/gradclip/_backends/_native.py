@@ -10,7 +10,7 @@ two). They release the GIL, so the pool's threads run them side by side.
   that could have overflowed or underflowed summed again in double).
 * ``scale(x, y, s)``: ``y = x * s`` in float32, rounded once to the arrays' dtype.
 * ``lib.sumsq_table`` and ``lib.scale_table``: the same over a table of addresses,
-  many arrays or tensors in one call (:func:`run_native`).
+  many arrays or tensors in one call (``run_native``).
 
 The pool: large inputs are cut into units of ``CHUNK`` elements (a chunk of a large
 array, or a run of small ones) that a few threads take one by one, so a thread that
@@ -165,7 +165,7 @@ def run_native(
     kernels, ``address(x)`` where each starts), a table of at most ``TABLE_ROWS``
     items at a time: thousands of tensors cost an address each, not a call each, and
     no table outlives its call (the 1 % bound). On one thread for small inputs; else
-    on the threads of :func:`on_threads`, which take the units of :func:`units` one
+    on the threads of ``on_threads``, which take the units of ``units`` one
     by one (a chunk of ``CHUNK`` elements of a large item, a run of small ones), so a
     thread that runs slower takes fewer. The units' results, in no fixed order."""
 
@@ -200,7 +200,7 @@ def native_groups(
     items: Sequence[Any], kinds: Any, contiguous: Callable[[Any], bool]
 ) -> tuple[dict[Any, Sequence[Any]], Sequence[int]]:
     """The ``contiguous`` items (arrays or tensors) whose dtype is in ``kinds`` (of the
-    C kernels' dtypes) by dtype, for :func:`run_native`, and the indices of the
+    C kernels' dtypes) by dtype, for ``run_native``, and the indices of the
     others. Items that all go (the common case) stay the sequence they are: no list
     with an entry per item."""
     first = items[0].dtype

@@ -1,4 +1,4 @@
-"""The NumPy backend: the host paths of :mod:`._host` for real floating point arrays."""
+"""The NumPy backend: the host paths of ``._host`` for real floating point arrays."""
 
 from __future__ import annotations
 

@@ -6,12 +6,12 @@ reference.
 
 * CPU tensors (plain ones and Parameters): a blocked sum of squares, added in float64
   and checked on the host (CPU memory is host memory: reading it waits on nothing).
-  Contiguous bfloat16 and float32 tensors go to the C kernels of :mod:`._native` in
-  tables of addresses; the others are summed by :func:`._host.sumsq` (the kernel, or
+  Contiguous bfloat16 and float32 tensors go to the C kernels of ``._native`` in
+  tables of addresses; the others are summed by ``._host.sumsq`` (the kernel, or
   float64 dots where it is missing): large tensors on NumPy views (16-bit ones
   widened by torch into a bounded float32 buffer), small ones concatenated in
   batches into a bounded buffer (one call per batch, not per tensor), strided ones
-  through :mod:`._host`. No float32 lane adds more than a few squares, so the sum is
+  through ``._host``. No float32 lane adds more than a few squares, so the sum is
   accurate for any layout of the values; a float64 total that could have overflowed
   or underflowed is recomputed exactly by the host path. Views with the negative bit
   set are read without it (their magnitudes are the same, and scaling commutes with
@@ -20,7 +20,7 @@ reference.
   per (device, dtype) group (no finite float32 square overflows in float64), their
   norm rounded once: torch's own launches, no temporaries.
 * Other devices, float64, the inf-norm: the reference's per-leaf terms from
-  ``torch._foreach_norm``, combined by :func:`gradclip._reference.combine`.
+  ``torch._foreach_norm``, combined by ``gradclip._reference.combine``.
 * Tensors that require grad: the reference's norm as an autograd function whose
   derivative, from the ratio ``|x| / norm``, does not overflow where autograd's through
   the scaled sums would; the reference's scale and multiply.
@@ -199,7 +199,7 @@ def _np_dtype(acc: Any) -> Any:
 def _host_norm(t: TorchPath, p: float) -> Any:
     """The norm of CPU tensors, added in float64 and checked on the host: the C
     kernels, large tensors a piece at a time, batches of small ones, strided ones on
-    NumPy views; every float32 lane adds a few squares at most (:mod:`._host`)."""
+    NumPy views; every float32 lane adds a few squares at most (``._host``)."""
     acc = t.tree.acc_dtype
     np_acc = _np_dtype(acc)
     if math.isinf(p):
@@ -308,7 +308,7 @@ def _run_native(xs: Sequence[torch.Tensor], kernel: Callable, *args: Any) -> lis
 
 def _blocked_sum(xs: list[torch.Tensor], acc: Any, nbuf: int) -> float:
     """The sum of squares of contiguous CPU tensors for an ``acc`` accumulation (NumPy
-    dtype), accurate for any values (:func:`._host.sumsq`): float32 and float64 ones
+    dtype), accurate for any values (``._host.sumsq``): float32 and float64 ones
     on NumPy views, 16-bit ones widened by torch (whose casts are vectorised, NumPy's
     float16 one is not) into a float32 buffer of at most ``nbuf`` elements."""
     total = 0.0
@@ -499,7 +499,7 @@ class TorchPath:
 
 class AutogradPath:
     """Tensors that require grad: the reference's norm (finite ``p``) with the
-    derivative of :func:`gradclip._reference.norm_grad`; the reference's scale and
+    derivative of ``gradclip._reference.norm_grad``; the reference's scale and
     multiply, differentiated by autograd."""
 
     def __init__(self, tree: Tree) -> None:
@@ -515,7 +515,7 @@ class AutogradPath:
 
 
 class _Norm(torch.autograd.Function):
-    """The reference's ``p``-norm of tensors, differentiated by :func:`norm_grad`
+    """The reference's ``p``-norm of tensors, differentiated by ``norm_grad``
     (finite wherever the derivative is: autograd through the scaled sums would square
     the scale). Its backward is differentiable in turn (``create_graph=True``)."""
 
