@@ -9,16 +9,14 @@ counted once, for ``ord`` 2, 1 and inf.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from _launch import run_json_script
 from conftest import ref_clip, ref_norm
 
 jax = pytest.importorskip("jax")
@@ -35,24 +33,8 @@ RTOL = 1e-6
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, Any]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{SCRIPT.name} did not finish in {TIMEOUT_S} s")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    return run_json_script(SCRIPT, {"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, TIMEOUT_S)
 
 
 def _case(results: dict[str, Any], name: str) -> dict[str, Any]:

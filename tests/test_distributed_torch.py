@@ -8,14 +8,11 @@ full gradients (``ref_norm``), each shard counted once, for ``ord`` 2, 1 and inf
 from __future__ import annotations
 
 import math
-import multiprocessing
-import pickle
-import socket
-import time
 from typing import Any
 
 import numpy as np
 import pytest
+from _launch import run_ranks
 from conftest import ref_clip, ref_norm
 
 torch = pytest.importorskip("torch")
@@ -31,43 +28,11 @@ SPAWN_TIMEOUT_S = 90  # per world size; 4 processes importing torch on 2 busy co
 RTOL = 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, out_dir: str) -> list[dict[str, Any]]:
-    """Start ``world`` fresh processes with ``torch.multiprocessing``, wait at most
-    ``SPAWN_TIMEOUT_S``, and load what each rank pickled.
-
-    The start method is ``forkserver``: as with ``spawn``, no child inherits pytest's
-    threads or state (they fork from a clean server process), but torch, DTensor and
-    the dynamo modules DTensor loads on first use are imported once in the server,
-    not once per rank: on 2 busy cores 4 ranks start in ~10 s instead of ~40 s.
-    """
-    mp = pytest.importorskip("torch.multiprocessing")
-    multiprocessing.set_forkserver_preload(
-        ["torch", "torch.distributed.tensor", "torch._dynamo", "gradclip", W.__name__]
-    )
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    ctx = mp.start_processes(
-        W.worker, args=(world, init, out_dir), nprocs=world, join=False, start_method="forkserver"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} gloo processes did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    out = []
-    for r in range(world):
-        with open(f"{out_dir}/rank{r}.pkl", "rb") as fh:
-            out.append(pickle.load(fh))
-    return out
+    """Start ``world`` gloo processes running the worker once (the dynamo modules
+    DTensor loads on first use imported once, in the fork server)."""
+    preload = ["torch", "torch.distributed.tensor", "torch._dynamo", "gradclip", W.__name__]
+    return run_ranks(W.worker, world, out_dir, preload, SPAWN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
