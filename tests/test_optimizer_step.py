@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
-import pickle
-import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from _launch import run_ranks
 
 torch = pytest.importorskip("torch")
 
@@ -603,12 +600,6 @@ def test_optax_rejects_skip_and_points_to_skip_nonfinite():
 # -- sharded gradients over gloo ranks ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SPAWN_TIMEOUT_S = 120
 
 
@@ -621,31 +612,10 @@ def test_distributed_every_rank_skips_or_none(tmp_path: Any):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp = pytest.importorskip("torch.multiprocessing")
     import _dist_optimizer_worker as W
 
-    multiprocessing.set_forkserver_preload(["torch", "gradclip", W.__name__])
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    ctx = mp.start_processes(
-        W.worker,
-        args=(W.WORLD, init, str(tmp_path)),
-        nprocs=W.WORLD,
-        join=False,
-        start_method="forkserver",
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{W.WORLD} gloo processes did not finish in {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    res = []
-    for r in range(W.WORLD):
-        with open(tmp_path / f"rank{r}.pkl", "rb") as fh:
-            res.append(pickle.load(fh))
+    preload = ["torch", "gradclip", W.__name__]
+    res = run_ranks(W.worker, W.WORLD, str(tmp_path), preload, SPAWN_TIMEOUT_S)
     for r in res:
         assert "error" not in r, r["error"]
     for name in W.OPTIMIZERS:
