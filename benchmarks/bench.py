@@ -294,13 +294,16 @@ def _parts(parts: dict[str, Callable[[], Any]], wait: Callable[[], Any]) -> Call
 def _step_cases(
     torch: Any, ts: list[Any], half: Halver, device: str
 ) -> dict[str, tuple[str, Call]]:
-    """One case of four parts on ``device``: a fused AdamW step over parameters whose
+    """One case of six parts on ``device``: a fused AdamW step over parameters whose
     ``.grad`` are ``ts`` ("alone"), the same step clipped by gradclip's hook in its
     kernel ("gradclip": ``grad_scale``, the gradients read once for the norm and
     written back clipped by the kernel), the same step after torch's
     ``clip_grad_norm_`` ("torch"), and one read of the same bytes, ``torch.sum`` over
-    one flat buffer ("read"). Each clip halves the gradients. Library ``step``
-    (``step-cuda``)."""
+    one flat buffer ("read"). Each clip halves the gradients. Two more parts split
+    what the hook adds: the step handed ``grad_scale = 1`` by hand ("grad_scale":
+    what torch's kernel adds to divide and write back the gradients, the least any
+    clip through ``grad_scale`` adds) and gradclip's norm alone ("norm"). Library
+    ``step`` (``step-cuda``)."""
     import gradclip.torch as gct
 
     params = []
@@ -325,8 +328,17 @@ def _step_cases(
         torch.nn.utils.clip_grad_norm_(params, half(0))
         opt.step()
 
+    one = torch.ones((), device=device)
+
+    def scaled_step() -> None:
+        opt.grad_scale = one  # what GradScaler sets: the kernel divides by it
+        opt.step()
+        del opt.grad_scale
+
     parts = {"alone": opt.step, "gradclip": gradclip_step, "torch": torch_step}
     parts["read"] = lambda: torch.sum(flat)
+    parts["grad_scale"] = scaled_step
+    parts["norm"] = lambda: gradclip.global_norm(ts)
     tag = "" if device == "cpu" else "-cuda"
     lib = f"step{tag}"
     return {f"fused AdamW{tag} step (parts)": (lib, _parts(parts, wait))}
@@ -599,6 +611,18 @@ GOALS = [
         {"gpt2-small": 0.5, "resnet-50": 0.5},
     ),
     (
+        "fused AdamW: grad_scale alone added vs one read",
+        ("added", "fused AdamW step (parts)", "grad_scale"),
+        ("part", "fused AdamW step (parts)", "read"),
+        {},
+    ),
+    (
+        "fused AdamW: gradclip norm vs one read",
+        ("part", "fused AdamW step (parts)", "norm"),
+        ("part", "fused AdamW step (parts)", "read"),
+        {},
+    ),
+    (
         "fused AdamW-cuda: clip added vs one read",
         ("added", "fused AdamW-cuda step (parts)", "gradclip"),
         ("part", "fused AdamW-cuda step (parts)", "read"),
@@ -609,6 +633,18 @@ GOALS = [
         ("added", "fused AdamW-cuda step (parts)", "gradclip"),
         ("added", "fused AdamW-cuda step (parts)", "torch"),
         {"gpt2-small": 0.5, "resnet-50": 0.5},
+    ),
+    (
+        "fused AdamW-cuda: grad_scale alone added vs one read",
+        ("added", "fused AdamW-cuda step (parts)", "grad_scale"),
+        ("part", "fused AdamW-cuda step (parts)", "read"),
+        {},
+    ),
+    (
+        "fused AdamW-cuda: gradclip norm vs one read",
+        ("part", "fused AdamW-cuda step (parts)", "norm"),
+        ("part", "fused AdamW-cuda step (parts)", "read"),
+        {},
     ),
     (
         "optax adamw jit: gradclip clip added vs one read",

@@ -89,6 +89,10 @@ def test_smoke_run_writes_table_json_and_plot(bench, tmp_path, capsys):
             "optax clip_by_global_norm (eager)",
         }
     assert expected <= set(runs)
+    if importlib.util.find_spec("torch"):  # the fused step, and what splits its clip's cost
+        parts = runs["fused AdamW step (parts)"]["parts_ms"]
+        assert set(parts) == {"alone", "gradclip", "torch", "read", "grad_scale", "norm"}
+        assert all(len(ts) == 2 and min(ts) > 0 for ts in parts.values())
     for r in runs.values():  # a call per round, pooled
         assert r["median_ms"] > 0 and len(r["times_ms"]) == 2
         assert r["median_ms"] == pytest.approx(statistics.median(r["times_ms"]))
