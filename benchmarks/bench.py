@@ -888,9 +888,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = sorted(
         {g["goal"] for e in entries for g in e["ratios"]}, key=[g[0] for g in GOALS].index
     )
-    ncols = min(4, len(labels))
+    ncols = min(3, len(labels))  # wide enough panels to read on a docs page
     nrows = -(-len(labels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.0 * nrows), squeeze=False)
     for ax in axes.flat[len(labels) :]:
         ax.axis("off")
     for ax, label in zip(axes.flat, labels):
@@ -908,18 +908,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for i, b in enumerate(bounds):
             if b is not None:
                 ax.hlines(b, i - 0.4, i + 0.4, colors="black", linestyles="dashed")
-        ax.set_xticks(range(len(values)), names, fontsize=6, rotation=90)
-        ax.set_title(label, fontsize=8)
-        positive = [v for v in values if v > 0]  # (what a step adds may come out below 0)
-        if positive and max(values) > 20 * min(positive):
+        ax.set_xticks(range(len(values)), names, fontsize=9, rotation=90)
+        ax.set_title(label, fontsize=11)
+        # a log scale for a wide spread, unless a value is not above 0 (what a step
+        # adds can come out below 0 in the noise), which a log scale would drop
+        if min(values) > 0 and max(values) > 20 * min(values):
             ax.set_yscale("log")
-        ax.tick_params(axis="y", labelsize=7)
+        else:
+            ax.axhline(0, color="black", linewidth=0.5)
+        ax.tick_params(axis="y", labelsize=9)
     m = result["machine"]
     where = f"{m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if "gpu" in m else "")
-    fig.suptitle(f"gradclip: ratios (lower is better; dashed: goal) - {where}", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"gradclip: ratios (lower is better; dashed: goal) - {where}", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
