@@ -516,6 +516,38 @@ def _every(bound: float) -> dict[str, float]:
     return dict.fromkeys(shape_sets.SETS, bound)
 
 
+Spec = str | tuple[str, str, str]
+
+
+def _step_goals(tag: str) -> list[tuple[str, Spec, Spec, dict[str, float]]]:
+    """The fused AdamW step's goals on the CPU (``tag`` "") or CUDA ("-cuda"): what
+    the hook's clip adds against one read and against torch's clip, and the two
+    parts that split it (torch's kernel handed ``grad_scale``; gradclip's norm)."""
+    case = f"fused AdamW{tag} step (parts)"
+    read = ("part", case, "read")
+    return [
+        (
+            f"fused AdamW{tag}: clip added vs one read",
+            ("added", case, "gradclip"),
+            read,
+            {"gpt2-small": 1.2, "resnet-50": 1.2},
+        ),
+        (
+            f"fused AdamW{tag}: clip added vs torch's added",
+            ("added", case, "gradclip"),
+            ("added", case, "torch"),
+            {"gpt2-small": 0.5, "resnet-50": 0.5},
+        ),
+        (
+            f"fused AdamW{tag}: grad_scale alone added vs one read",
+            ("added", case, "grad_scale"),
+            read,
+            {},
+        ),
+        (f"fused AdamW{tag}: gradclip norm vs one read", ("part", case, "norm"), read, {}),
+    ]
+
+
 # (label, numerator, denominator, {set: bound}) ; "bytes" as denominator means the
 # numerator's extra memory over the gradients' bytes; ("part", case, part) is one part
 # of a case of parts, ("added", case, part) what it adds to the case's "alone" part
@@ -598,54 +630,8 @@ GOALS = [
         "gradclip jax-gpu (jit)",
         _every(1.30),
     ),
-    (
-        "fused AdamW: clip added vs one read",
-        ("added", "fused AdamW step (parts)", "gradclip"),
-        ("part", "fused AdamW step (parts)", "read"),
-        {"gpt2-small": 1.2, "resnet-50": 1.2},
-    ),
-    (
-        "fused AdamW: clip added vs torch's added",
-        ("added", "fused AdamW step (parts)", "gradclip"),
-        ("added", "fused AdamW step (parts)", "torch"),
-        {"gpt2-small": 0.5, "resnet-50": 0.5},
-    ),
-    (
-        "fused AdamW: grad_scale alone added vs one read",
-        ("added", "fused AdamW step (parts)", "grad_scale"),
-        ("part", "fused AdamW step (parts)", "read"),
-        {},
-    ),
-    (
-        "fused AdamW: gradclip norm vs one read",
-        ("part", "fused AdamW step (parts)", "norm"),
-        ("part", "fused AdamW step (parts)", "read"),
-        {},
-    ),
-    (
-        "fused AdamW-cuda: clip added vs one read",
-        ("added", "fused AdamW-cuda step (parts)", "gradclip"),
-        ("part", "fused AdamW-cuda step (parts)", "read"),
-        {"gpt2-small": 1.2, "resnet-50": 1.2},
-    ),
-    (
-        "fused AdamW-cuda: clip added vs torch's added",
-        ("added", "fused AdamW-cuda step (parts)", "gradclip"),
-        ("added", "fused AdamW-cuda step (parts)", "torch"),
-        {"gpt2-small": 0.5, "resnet-50": 0.5},
-    ),
-    (
-        "fused AdamW-cuda: grad_scale alone added vs one read",
-        ("added", "fused AdamW-cuda step (parts)", "grad_scale"),
-        ("part", "fused AdamW-cuda step (parts)", "read"),
-        {},
-    ),
-    (
-        "fused AdamW-cuda: gradclip norm vs one read",
-        ("part", "fused AdamW-cuda step (parts)", "norm"),
-        ("part", "fused AdamW-cuda step (parts)", "read"),
-        {},
-    ),
+    *_step_goals(""),
+    *_step_goals("-cuda"),
     (
         "optax adamw jit: gradclip clip added vs one read",
         ("added", "optax adamw step (jit, parts)", "gradclip"),
@@ -659,8 +645,6 @@ GOALS = [
         {},
     ),
 ]
-
-Spec = str | tuple[str, str, str]
 
 
 def per_call(runs: dict[str, dict[str, Any]], spec: tuple[str, str, str]) -> list[float]:
